@@ -1,0 +1,249 @@
+"""The ``metabench`` command line: run, list, plugins, episodes, compare.
+
+Bad input prints one line ``metabench: error: ...`` and exits with status 2 (argparse's
+convention); a learner that crashes exits with status 1 and names its plugin.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import __version__
+from .config import RUN_KEYS, parse_set, read_toml
+from .errors import MetabenchError, PluginError
+from .learner import BUDGETS
+
+DEFAULTS = {"task": "kanji-5w1s", "backbone": None, "seed": 0, "budget": "quick", "episodes": None,
+            "device": "cpu", "out": "metabench-results"}
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metabench", description="Benchmark meta-learning on fixed episodes.")
+    parser.add_argument("--version", action="version", version=f"metabench {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="meta-train a learner and evaluate it on a task's fixed episodes")
+    run.add_argument("--learner", required=True, help="registered learner (see `metabench list learners`)")
+    run.add_argument("--task", help=f"registered task (default {DEFAULTS['task']})")
+    run.add_argument("--backbone", help="registered backbone (default: the learner's)")
+    run.add_argument("--seed", type=int, help="training seed (default 0); evaluation episodes never depend on it")
+    run.add_argument("--budget", choices=BUDGETS, help="training length (default quick)")
+    run.add_argument("--episodes", type=int, help="evaluate on the first N fixed episodes (default: the protocol's)")
+    run.add_argument("--device", help="cpu (default), cuda or cuda:N")
+    run.add_argument("--config", metavar="FILE.toml", help="TOML file with [run], [learner], [backbone] tables")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a learner setting, or backbone.KEY=VALUE (repeatable)")
+    run.add_argument("--out", help="folder for the result JSON (default ./metabench-results/)")
+
+    lst = sub.add_parser("list", help="list registered learners, tasks or backbones")
+    lst.add_argument("kind", nargs="?", choices=("learners", "tasks", "backbones"), help="what to list (default: all)")
+
+    sub.add_parser("plugins", help="list loaded plugins with distribution, version and hooks")
+
+    eps = sub.add_parser("episodes", help="print the SHA-256 of a task's fixed episode set")
+    eps.add_argument("--task", required=True)
+    eps.add_argument("--split", help="split (default: the protocol's evaluation split)")
+    eps.add_argument("--episodes", type=int, help="first N episodes (default: the protocol's count)")
+
+    cmp_ = sub.add_parser("compare", help="paired t-test and Wilcoxon test of two results on the same episodes")
+    cmp_.add_argument("a", metavar="A.json")
+    cmp_.add_argument("b", metavar="B.json")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except PluginError as exc:  # a plugin misbehaved during a command: not the user's input
+        err.print(f"metabench: error: {exc}", markup=False, soft_wrap=True)
+        return 1
+    except MetabenchError as exc:
+        err.print(f"metabench: error: {exc}", markup=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err.print("metabench: interrupted; nothing was written", markup=False)
+        return 130
+
+
+def _host():
+    from .plugins import get_host
+
+    host = get_host()
+    for line in host.errors:
+        err.print(f"metabench: warning: {line}", markup=False, soft_wrap=True)
+    return host
+
+
+class RichProgress:
+    """Progress bars for meta-training and evaluation (on stderr)."""
+
+    def __init__(self, progress: Progress):
+        self.progress, self.tasks = progress, {}
+
+    def start(self, phase: str, total: int) -> None:
+        if phase not in self.tasks:
+            self.tasks[phase] = self.progress.add_task(phase, total=total, info="")
+
+    def update(self, phase: str, completed: int, **metrics: float) -> None:
+        info = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        self.progress.update(self.tasks[phase], completed=completed, info=info)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .results import write_result
+    from .runner import PluginFailed, RunRequest, execute
+
+    toml = read_toml(args.config) if args.config else {}
+    opts = dict(DEFAULTS)
+    opts.update(toml.get("run", {}))
+    opts.update({k: getattr(args, k) for k in RUN_KEYS if getattr(args, k) is not None})
+    set_learner, set_backbone = parse_set(args.overrides)
+    layers = []
+    if toml.get("learner"):
+        layers.append((f"--config {args.config} [learner]", toml["learner"]))
+    if set_learner:
+        layers.append(("--set", set_learner))
+    backbone_options = {**toml.get("backbone", {}), **set_backbone}
+    out_dir = Path(opts["out"])
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MetabenchError(f"--out {out_dir}: exists and is not a folder")
+    request = RunRequest(learner=args.learner, task=opts["task"], backbone=opts["backbone"], seed=int(opts["seed"]),
+                         budget=opts["budget"], episodes=opts["episodes"], device=opts["device"],
+                         learner_layers=layers, backbone_options=backbone_options)
+    host = _host()
+    columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+    try:
+        with Progress(*columns, console=err, transient=False) as bars:
+            doc = execute(request, host, RichProgress(bars))
+    except PluginFailed as exc:
+        err.print(f"metabench: error: {exc}", markup=False, soft_wrap=True)
+        if os.environ.get("METABENCH_DEBUG"):
+            raise
+        err.print("(set METABENCH_DEBUG=1 for the traceback)", markup=False)
+        return 1
+    path = write_result(doc, out_dir)
+    out.print(result_table(doc))
+    out.print(f"result: {path}", markup=False, soft_wrap=True)
+    return 0
+
+
+def format_metric(summary: dict, metric: str) -> str:
+    scale, unit = (100.0, "%") if metric == "accuracy" else (1.0, "")
+    ci = f" ± {summary['ci95'] * scale:.2f}" if summary.get("ci95") is not None else ""
+    return f"{summary['mean'] * scale:.2f}{ci}{unit}"
+
+
+def result_table(doc: dict) -> Table:
+    table = Table(title=f"metabench {doc['metabench_version']} · budget {doc['budget']} · seed {doc['seed']}")
+    for col in ("task", "learner", "backbone", f"{doc['task']['metric']} (95% CI)", "episodes", "meta-train", "eval"):
+        table.add_column(col)
+    table.add_row(doc["task"]["name"], doc["learner"]["name"], doc["backbone"]["name"],
+                  format_metric(doc["summary"], doc["task"]["metric"]), str(doc["summary"]["n"]),
+                  f"{doc['timing']['meta_train_s']:.1f}s", f"{doc['timing']['eval_s']:.1f}s")
+    return table
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    host = _host()
+    kinds = [args.kind] if args.kind else ["learners", "tasks", "backbones"]
+    if "learners" in kinds:
+        table = Table(title="learners")
+        for col in ("name", "plugin", "problems", "transductive", "backbone", "reference"):
+            table.add_column(col)
+        for e in host.learners:
+            c = e.obj
+            table.add_row(e.name, e.plugin, ", ".join(sorted(c.problem_types)), "yes" if c.transductive else "no",
+                          c.default_backbone, c.reference)
+        out.print(table)
+    if "tasks" in kinds:
+        table = Table(title="tasks")
+        for col in ("name", "version", "plugin", "ways", "shots", "queries", "episodes", "image", "metric"):
+            table.add_column(col)
+        for e in host.tasks:
+            p = e.obj
+            table.add_row(p.name, str(p.version), e.plugin, str(p.ways), str(p.shots), str(p.queries),
+                          str(p.episodes), f"{p.channels}x{p.image_size}px", p.metric)
+        out.print(table)
+    if "backbones" in kinds:
+        table = Table(title="backbones")
+        table.add_column("name")
+        table.add_column("plugin")
+        table.add_column("description")
+        for e in host.backbones:
+            table.add_row(e.name, e.plugin, (e.obj.__doc__ or "").strip().splitlines()[0] if e.obj.__doc__ else "")
+        out.print(table)
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    host = _host()
+    table = Table(title="plugins")
+    for col in ("name", "distribution", "version", "hooks", "status"):
+        table.add_column(col)
+    for info in host.plugins.values():
+        table.add_row(info.name, info.distribution, info.version, "\n".join(info.hooks) or "-",
+                      "; ".join(info.errors) or "ok")
+    out.print(table)
+    return 0
+
+
+def cmd_episodes(args: argparse.Namespace) -> int:
+    from .episodes import episodes_sha256, eval_draws
+
+    host = _host()
+    protocol, source, _ = host.task(args.task)
+    if args.episodes is not None and args.episodes < 1:
+        raise MetabenchError(f"--episodes {args.episodes}: must be a positive integer")
+    split = args.split or protocol.eval_split
+    draws = eval_draws(protocol, source, split, args.episodes)
+    out.print(f"{episodes_sha256(draws)}  {protocol.name} v{protocol.version} {split} {len(draws)} episodes",
+              markup=False, soft_wrap=True)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .results import load_result
+    from .stats import paired_compare
+
+    a, b = load_result(args.a), load_result(args.b)
+    ta, tb = a["task"], b["task"]
+    if (ta["name"], ta["version"]) != (tb["name"], tb["version"]):
+        raise MetabenchError(f"cannot pair results of different tasks: {ta['name']} v{ta['version']} "
+                             f"vs {tb['name']} v{tb['version']}")
+    if ta["episodes_sha256"] != tb["episodes_sha256"]:
+        raise MetabenchError(f"cannot pair results on different episode sets ({ta['episodes']} episodes "
+                             f"{ta['episodes_sha256'][:12]}… vs {tb['episodes']} episodes {tb['episodes_sha256'][:12]}…)")
+    c = paired_compare(a["per_episode"], b["per_episode"])
+    metric, higher = ta["metric"], ta["higher_is_better"]
+    table = Table(title=f"{ta['name']} · {c.n} paired episodes · {metric} ({'higher' if higher else 'lower'} is better)")
+    for col in ("", "A", "B"):
+        table.add_column(col)
+    table.add_row("learner", a["learner"]["name"], b["learner"]["name"])
+    table.add_row("file", args.a, args.b)
+    table.add_row("mean (95% CI)", format_metric(a["summary"], metric), format_metric(b["summary"], metric))
+    out.print(table)
+    diff_ci = f" ± {c.ci95_diff:.4g}" if c.ci95_diff is not None else ""
+    out.print(f"A - B = {c.mean_diff:.4g}{diff_ci} (95% CI)", markup=False)
+    t = "undefined" if c.t_statistic is None else f"{c.t_statistic:.4g}"
+    out.print(f"paired t-test: t = {t}, p = {c.t_pvalue:.4g}", markup=False)
+    w = "undefined" if c.wilcoxon_statistic is None else f"{c.wilcoxon_statistic:.4g}"
+    out.print(f"Wilcoxon signed-rank: W = {w}, p = {c.wilcoxon_pvalue:.4g}", markup=False)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "list": cmd_list, "plugins": cmd_plugins, "episodes": cmd_episodes, "compare": cmd_compare}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Run configuration: a learner's defaults, then its budget, then a TOML file, then ``--set``.
+
+TOML layout::
+
+    [run]       # defaults for CLI options: task, backbone, seed, budget, episodes, device
+    seed = 1
+    [learner]   # the learner's hyper-parameters (fields of its Config dataclass)
+    inner_lr = 0.4
+    [backbone]  # options of the backbone factory
+    width = 32
+
+``--set key=value`` sets a learner hyper-parameter; ``--set backbone.key=value`` a backbone option.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from pathlib import Path
+from typing import Any
+
+from .errors import MetabenchError
+
+RUN_KEYS = ("task", "backbone", "seed", "budget", "episodes", "device", "out")
+_TOP_KEYS = ("run", "learner", "backbone")
+
+
+def read_toml(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Read a config file; a missing file, bad TOML or an unknown table is a MetabenchError."""
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MetabenchError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MetabenchError(f"--config {path}: cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise MetabenchError(f"--config {path}: invalid TOML: {exc}") from None
+    unknown = [k for k in doc if k not in _TOP_KEYS or not isinstance(doc[k], dict)]
+    if unknown:
+        raise MetabenchError(f"--config {path}: unknown entry {', '.join(map(repr, unknown))}; "
+                             f"accepted tables: [{'], ['.join(_TOP_KEYS)}]")
+    bad_run = [k for k in doc.get("run", {}) if k not in RUN_KEYS]
+    if bad_run:
+        raise MetabenchError(f"--config {path}: unknown [run] key {', '.join(map(repr, bad_run))}; "
+                             f"accepted: {', '.join(RUN_KEYS)}")
+    return doc
+
+
+def parse_set(pairs: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Split ``--set`` pairs into (learner overrides, backbone overrides), values still text."""
+    learner, backbone = {}, {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise MetabenchError(f"--set {pair!r}: expected key=value (e.g. --set inner_lr=0.1 or --set backbone.width=32)")
+        if key.startswith("backbone."):
+            backbone[key[len("backbone."):]] = value.strip()
+        else:
+            learner[key] = value.strip()
+    return learner, backbone
+
+
+def _field_types(config_cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(config_cls)
+    return {f.name: hints.get(f.name, type(f.default)) for f in dataclasses.fields(config_cls)}
+
+
+def coerce(value: Any, kind: Any, what: str) -> Any:
+    """``value`` (text from --set, or a TOML value) as ``kind`` (bool, int, float or str)."""
+    if isinstance(value, str) and kind is not str:
+        text = value.strip().lower()
+        if kind is bool:
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off"):
+                return False
+            raise MetabenchError(f"{what}: expected true or false, got {value!r}")
+        try:
+            return int(text) if kind is int else float(text) if kind is float else value
+        except ValueError:
+            raise MetabenchError(f"{what}: expected {kind.__name__}, got {value!r}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind in (bool, int, float, str) and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+        raise MetabenchError(f"{what}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def build_config(config_cls: type, layers: list[tuple[str, dict[str, Any]]], learner_name: str) -> Any:
+    """An instance of ``config_cls`` with each (source, overrides) layer applied in order."""
+    types = _field_types(config_cls)
+    values: dict[str, Any] = {}
+    for source, overrides in layers:
+        for key, value in overrides.items():
+            if key not in types:
+                raise MetabenchError(f"{source}: learner {learner_name!r} has no setting {key!r}; "
+                                     f"accepted: {', '.join(types)}")
+            values[key] = coerce(value, types[key], f"{source}: {key}")
+    try:
+        return config_cls(**values)
+    except (ValueError, TypeError) as exc:
+        raise MetabenchError(f"learner {learner_name!r} config: {exc}") from None
+
+
+def coerce_backbone_options(overrides: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """Text values from --set typed like the factory's defaults (int/float/bool), else left as given."""
+    out = {}
+    for key, value in overrides.items():
+        default = defaults.get(key)
+        kind = type(default) if isinstance(default, (bool, int, float, str)) else None
+        out[key] = coerce(value, kind, f"backbone.{key}") if kind else value
+    return out

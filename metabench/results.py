@@ -1,0 +1,141 @@
+"""Result files: one JSON document per run, written atomically, validated when read.
+
+Schema (version 1), the keys other tools may rely on::
+
+    schema_version, metabench_version,
+    task {name, version, ways, shots, queries, episodes, episodes_sha256, metric, higher_is_better},
+    learner {name, plugin, version, config}, backbone {name, options}, seed, budget,
+    per_episode [float, one per test episode, in episode order],
+    summary {mean, std, n, ci95, ci_method}, timing {meta_train_s, eval_s},
+    environment {python, torch, device, git_commit}
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import MetabenchError
+
+SCHEMA_VERSION = 1
+
+_REQUIRED: dict[str, Any] = {
+    "schema_version": int,
+    "metabench_version": str,
+    "task": {"name": str, "version": int, "ways": int, "shots": int, "queries": int, "episodes": int,
+             "episodes_sha256": str, "metric": str, "higher_is_better": bool},
+    "learner": {"name": str, "plugin": str, "version": str, "config": dict},
+    "backbone": {"name": str, "options": dict},
+    "seed": int,
+    "budget": str,
+    "per_episode": list,
+    "summary": {"mean": float, "std": (float, type(None)), "n": int, "ci95": (float, type(None)), "ci_method": str},
+    "timing": {"meta_train_s": float, "eval_s": float},
+    "environment": {"python": str, "torch": str, "device": str, "git_commit": (str, type(None))},
+}
+
+
+def schema_problems(doc: Any, spec: dict = _REQUIRED, where: str = "") -> list[str]:
+    """Every way ``doc`` departs from the schema (empty when valid)."""
+    if not isinstance(doc, dict):
+        return [f"{where or 'result'} must be an object"]
+    problems = []
+    for key, kind in spec.items():
+        path = f"{where}.{key}" if where else key
+        if key not in doc:
+            problems.append(f"missing {path}")
+        elif isinstance(kind, dict):
+            problems.extend(schema_problems(doc[key], kind, path))
+        else:
+            kinds = kind if isinstance(kind, tuple) else (kind,)
+            value = doc[key]
+            ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+            if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+                ok = True
+            if not ok:
+                problems.append(f"{path} should be {'/'.join(k.__name__ for k in kinds)}, got {type(value).__name__}")
+    if not problems:
+        per = doc["per_episode"]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in per):
+            problems.append("per_episode must hold finite numbers")
+        if len(per) != doc["task"]["episodes"] or len(per) != doc["summary"]["n"]:
+            problems.append(f"per_episode has {len(per)} values but task.episodes is {doc['task']['episodes']} "
+                            f"and summary.n is {doc['summary']['n']}")
+        if doc["schema_version"] != SCHEMA_VERSION:
+            problems.append(f"schema_version {doc['schema_version']} is not supported (this metabench reads {SCHEMA_VERSION})")
+    return problems
+
+
+def load_result(path: str | Path) -> dict:
+    """Read and validate a result file; any problem raises MetabenchError naming the file."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MetabenchError(f"{path}: no such result file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MetabenchError(f"{path}: cannot read: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise MetabenchError(f"{path}: not a metabench result (invalid JSON: {exc.msg} at line {exc.lineno})") from None
+    problems = schema_problems(doc)
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise MetabenchError(f"{path}: not a valid metabench result: {shown}")
+    return doc
+
+
+def result_filename(doc: dict) -> str:
+    """``<task>__<learner>__<backbone>__<budget>__seed<seed>__<utc time>.json``"""
+    parts = [doc["task"]["name"], doc["learner"]["name"], doc["backbone"]["name"], doc["budget"], f"seed{doc['seed']}"]
+    stamp = doc.get("created_utc", "").replace(":", "").replace("-", "")
+    return "__".join(p.replace("/", "_").replace(":", "_") for p in parts + ([stamp] if stamp else [])) + ".json"
+
+
+def write_result(doc: dict, out_dir: str | Path) -> Path:
+    """Write ``doc`` into ``out_dir`` atomically (temp file + fsync + rename); never overwrites.
+
+    Returns the path written. A name already taken gets a numeric suffix.
+    """
+    problems = schema_problems(doc)
+    if problems:
+        raise ValueError(f"refusing to write an invalid result: {'; '.join(problems)}")
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MetabenchError(f"cannot create output folder {out}: {exc.strerror}") from None
+    if not out.is_dir():
+        raise MetabenchError(f"--out {out} is not a folder")
+    text = json.dumps(doc, indent=1, sort_keys=False, allow_nan=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=out)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        base = result_filename(doc)
+        target = out / base
+        n = 1
+        while True:
+            try:
+                os.link(tmp, target)  # atomic, and fails instead of overwriting an existing result
+                break
+            except FileExistsError:
+                n += 1
+                target = out / base.replace(".json", f"-{n}.json")
+            except OSError:  # a file system without hard links: rename, after checking the name is free
+                if target.exists():
+                    n += 1
+                    target = out / base.replace(".json", f"-{n}.json")
+                    continue
+                os.replace(tmp, target)
+                return target
+        os.unlink(tmp)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return target

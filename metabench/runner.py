@@ -1,0 +1,225 @@
+"""One run: build the learner, meta-train it, evaluate it on the fixed episodes, make the result."""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import inspect
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol as _Interface
+
+import torch
+
+from . import __version__
+from .config import build_config, coerce_backbone_options
+from .episodes import TrainSampler, episodes_sha256, eval_draws
+from .errors import MetabenchError, PluginError
+from .learner import BUDGETS, Learner, TrainContext
+from .plugins import PluginHost
+from .results import SCHEMA_VERSION
+from .stats import summarize
+from .task import Protocol
+
+SMOKE_EPISODES = 20
+
+
+class Progress(_Interface):
+    """Where a run reports progress (the CLI draws rich bars; tests pass :class:`NoProgress`)."""
+
+    def start(self, phase: str, total: int) -> None: ...
+    def update(self, phase: str, completed: int, **metrics: float) -> None: ...
+
+
+class NoProgress:
+    def start(self, phase: str, total: int) -> None:
+        pass
+
+    def update(self, phase: str, completed: int, **metrics: float) -> None:
+        pass
+
+
+class PluginFailed(RuntimeError):
+    """A plugin's own code raised during a run; the message names the plugin."""
+
+
+@dataclass
+class RunRequest:
+    """Everything that defines a run. ``learner_layers``: (source, overrides) applied in order."""
+
+    learner: str
+    task: str = "kanji-5w1s"
+    backbone: str | None = None
+    seed: int = 0
+    budget: str = "quick"
+    episodes: int | None = None
+    device: str = "cpu"
+    learner_layers: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    backbone_options: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise MetabenchError(f"--device {name}: no CUDA device is available here; use --device cpu")
+        return torch.device(name)
+    raise MetabenchError(f"--device {name!r}: accepted: cpu, cuda, cuda:N")
+
+
+def git_commit() -> str | None:
+    """The commit of the metabench source tree, with '-dirty' if it has changes; None outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def score(protocol: Protocol, output: torch.Tensor, query_y: torch.Tensor, who: str) -> float:
+    """Accuracy (classification) or mean squared error (regression) of one episode's predictions."""
+    q = query_y.shape[0]
+    if protocol.problem == "classification":
+        expected = (q, protocol.ways)
+        if not isinstance(output, torch.Tensor) or tuple(output.shape) != expected:
+            got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise PluginError(f"{who}: predict returned {got}; expected logits of shape {expected}")
+        return (output.argmax(dim=1) == query_y).float().mean().item()
+    if not isinstance(output, torch.Tensor) or output.shape != query_y.shape:
+        got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise PluginError(f"{who}: predict returned {got}; expected predictions of shape {tuple(query_y.shape)}")
+    return torch.mean((output.double() - query_y.double()) ** 2).item()
+
+
+def prepare_split(source, split: str, plugin: str, progress: Progress) -> None:
+    """Load (or build and cache) a split, with a progress bar while a plugin reports progress."""
+    phase = f"data {split}"
+
+    def report(done: int, total: int) -> None:
+        if phase not in started:
+            progress.start(phase, total)
+            started.add(phase)
+        progress.update(phase, done)
+
+    started: set[str] = set()
+    try:
+        source.prepare(split, progress=report)
+    except (MetabenchError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        raise PluginFailed(f"task plugin {plugin!r} could not load split {split!r}: {type(exc).__name__}: {exc}") from exc
+
+
+def prepare(request: RunRequest, host: PluginHost):
+    """Validate the request against the registries; return what :func:`execute` needs."""
+    entry = host.learners.get(request.learner)
+    cls: type[Learner] = entry.obj
+    protocol, source, task_plugin = host.task(request.task)
+    if protocol.problem not in cls.problem_types:
+        raise MetabenchError(f"learner {request.learner!r} cannot run {protocol.problem} task {protocol.name!r} "
+                             f"(it supports: {', '.join(sorted(cls.problem_types))})")
+    if request.budget not in BUDGETS:
+        raise MetabenchError(f"--budget {request.budget!r}: accepted: {', '.join(BUDGETS)}")
+    if request.episodes is not None and request.episodes < 1:
+        raise MetabenchError(f"--episodes {request.episodes}: must be a positive integer")
+    backbone_name = request.backbone or cls.default_backbone
+    backbone_entry = host.backbones.get(backbone_name)
+    defaults = {k: p.default for k, p in inspect.signature(backbone_entry.obj).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    backbone_options = coerce_backbone_options(request.backbone_options, defaults)
+    layers = [(f"budget {request.budget!r}", cls.budgets[request.budget])] + list(request.learner_layers)
+    config = build_config(cls.Config, layers, request.learner)
+    device = resolve_device(request.device)
+    return entry, protocol, source, backbone_name, backbone_options, config, device
+
+
+def execute(request: RunRequest, host: PluginHost, progress: Progress | None = None) -> dict:
+    """Run the request and return the result document (not yet written)."""
+    progress = progress or NoProgress()
+    entry, protocol, source, backbone_name, backbone_options, config, device = prepare(request, host)
+    task_plugin = host.tasks.get(protocol.name).plugin
+    who = f"learner {entry.name!r} (plugin {entry.plugin!r})"
+    n_eval = request.episodes or (min(SMOKE_EPISODES, protocol.episodes) if request.budget == "smoke" else protocol.episodes)
+
+    for split in dict.fromkeys(("train", protocol.eval_split)):
+        prepare_split(source, split, task_plugin, progress)
+    draws = eval_draws(protocol, source, protocol.eval_split, n_eval)
+
+    torch.manual_seed(request.seed)
+    generator = torch.Generator().manual_seed(request.seed)
+    backbone = host.build_backbone(backbone_name, protocol.channels, protocol.image_size, **backbone_options)
+    backbone.module.to(device)
+    try:
+        learner = entry.obj(config, backbone, protocol, device)
+    except Exception as exc:
+        raise PluginFailed(f"{who} failed to start: {type(exc).__name__}: {exc}") from exc
+
+    def report(step: int, total: int, **metrics: float) -> None:
+        if step <= 1:
+            progress.start("meta-train", total)
+        progress.update("meta-train", step, **metrics)
+
+    ctx = TrainContext(protocol, TrainSampler(protocol, source, request.seed, "train", device), source, device,
+                       generator, report)
+    started = time.perf_counter()
+    try:
+        learner.meta_train(ctx)
+    except (MetabenchError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        raise PluginFailed(f"{who} failed in meta_train: {type(exc).__name__}: {exc}") from exc
+    meta_train_s = time.perf_counter() - started
+
+    per_episode: list[float] = []
+    progress.start("evaluate", len(draws))
+    started = time.perf_counter()
+    for i, draw in enumerate(draws):
+        episode = source.materialize(draw, protocol.eval_split).to(device)
+        try:
+            with torch.no_grad():
+                output = learner.predict(episode.support_x, episode.support_y, episode.query_x)
+        except Exception as exc:
+            raise PluginFailed(f"{who} failed in predict (episode {i}): {type(exc).__name__}: {exc}") from exc
+        value = score(protocol, output, episode.query_y, who)
+        per_episode.append(value)
+        progress.update("evaluate", i + 1, mean=sum(per_episode) / len(per_episode))
+    eval_s = time.perf_counter() - started
+
+    cls = entry.obj
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "metabench_version": __version__,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "task": {
+            "name": protocol.name, "version": protocol.version, "dataset": protocol.dataset,
+            "split": protocol.eval_split, "ways": protocol.ways, "shots": protocol.shots,
+            "queries": protocol.queries, "episodes": len(draws), "episodes_sha256": episodes_sha256(draws),
+            "metric": protocol.metric, "higher_is_better": protocol.higher_is_better,
+            "problem": protocol.problem, "image_size": protocol.image_size,
+        },
+        "learner": {
+            "name": entry.name, "plugin": entry.plugin,
+            "version": str(getattr(cls, "version", None) or host.plugins[entry.plugin].version),
+            "config": dataclasses.asdict(config), "transductive": bool(cls.transductive),
+        },
+        "backbone": {"name": backbone_name, "options": backbone_options, "out_features": backbone.out_features,
+                     "parameters": sum(p.numel() for p in backbone.module.parameters())},
+        "seed": request.seed,
+        "budget": request.budget,
+        "per_episode": per_episode,
+        "summary": summarize(per_episode).to_dict(),
+        "timing": {"meta_train_s": round(meta_train_s, 3), "eval_s": round(eval_s, 3)},
+        "environment": {
+            "python": platform.python_version(), "torch": torch.__version__, "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "platform": platform.platform(), "git_commit": git_commit(),
+        },
+    }

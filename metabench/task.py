@@ -1,0 +1,207 @@
+"""Tasks: a named, versioned evaluation protocol plus the data source it draws episodes from.
+
+A *protocol* fixes everything that makes two results comparable: data set, evaluation split,
+ways, shots, queries per class, number of test episodes, image size and problem type. Its name
+has the form ``<dataset>-<ways>w<shots>s`` (e.g. ``kanji-5w1s``). Changing any of these, or the
+data behind it, means a new ``version``; results record both.
+
+A *data source* turns a random stream into episodes. Image data sets subclass
+:class:`ClassImageSource`, which stores each split as one uint8 tensor so that an episode is an
+index operation.
+"""
+from __future__ import annotations
+
+import abc
+import re
+import struct
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .rng import SplitMix64
+
+PROBLEM_TYPES = ("classification", "regression")
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_]*-[0-9]+w[0-9]+s$|^[a-z0-9][a-z0-9_]*-[0-9]+s$")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A named, versioned few-shot evaluation protocol."""
+
+    name: str
+    version: int
+    dataset: str
+    ways: int
+    shots: int
+    queries: int
+    episodes: int
+    image_size: int
+    channels: int = 1
+    problem: str = "classification"
+    eval_split: str = "test"
+    metric: str = "accuracy"
+    higher_is_better: bool = True
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not _NAME_RE.match(self.name):
+            problems.append(f"name {self.name!r} is not of the form <dataset>-<ways>w<shots>s")
+        elif not self.name.startswith(self.dataset + "-"):
+            problems.append(f"name {self.name!r} does not start with its dataset {self.dataset!r}")
+        for attr in ("version", "ways", "shots", "queries", "episodes", "image_size", "channels"):
+            value = getattr(self, attr)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                problems.append(f"{attr} must be a positive integer, got {value!r}")
+        if self.problem not in PROBLEM_TYPES:
+            problems.append(f"problem must be one of {', '.join(PROBLEM_TYPES)}, got {self.problem!r}")
+        if problems:
+            raise ValueError("invalid protocol: " + "; ".join(problems))
+
+
+@dataclass
+class Episode:
+    """One few-shot episode, ready for a learner.
+
+    support_x: [ways*shots, C, H, W] float32 in [0, 1]   support_y: [ways*shots] int64 in [0, ways)
+    query_x:   [ways*queries, C, H, W]                   query_y:   [ways*queries] int64
+    (for regression the x are [N, in_dim] and the y [N, out_dim] float32.)
+    """
+
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+
+    def to(self, device: torch.device | str) -> "Episode":
+        return Episode(*(t.to(device) for t in (self.support_x, self.support_y, self.query_x, self.query_y)))
+
+
+@dataclass(frozen=True)
+class EpisodeDraw:
+    """What a random draw chose: class indices and the image indices (rows of the split tensor).
+
+    support: ways*shots row indices, class-major; query: ways*queries row indices, class-major.
+    """
+
+    classes: tuple[int, ...]
+    support: tuple[int, ...]
+    query: tuple[int, ...]
+    extra: tuple[float, ...] = field(default=())
+
+    def fingerprint(self) -> bytes:
+        """Bytes that identify this draw exactly (hashed into the episode-set SHA-256)."""
+        ints = self.classes + self.support + self.query
+        return (
+            struct.pack(f"<3I", len(self.classes), len(self.support), len(self.query))
+            + struct.pack(f"<{len(ints)}q", *ints)
+            + struct.pack(f"<{len(self.extra)}d", *self.extra)
+        )
+
+
+class DataSource(abc.ABC):
+    """Where a task's episodes come from. One source may serve several protocols."""
+
+    splits: tuple[str, ...] = ("train", "val", "test")
+
+    @abc.abstractmethod
+    def draw(self, rng: SplitMix64, split: str, ways: int, shots: int, queries: int) -> EpisodeDraw:
+        """Choose an episode's classes and examples with ``rng`` (must use no other randomness)."""
+
+    @abc.abstractmethod
+    def materialize(self, draw: EpisodeDraw, split: str) -> Episode:
+        """Turn a draw into tensors (on the CPU)."""
+
+    def prepare(self, split: str, progress=None) -> None:
+        """Load (and if needed build and cache) a split before episodes are materialized."""
+
+    def check_split(self, split: str) -> None:
+        if split not in self.splits:
+            from .errors import MetabenchError
+
+            raise MetabenchError(f"unknown split {split!r}; accepted: {', '.join(self.splits)}")
+
+
+class ClassImageSource(DataSource):
+    """An image-classification data source whose split is one uint8 tensor, classes contiguous.
+
+    Subclasses implement :meth:`class_sizes` (cheap, no image decoding) and :meth:`load_split`
+    returning ``uint8 [N, C, H, W]`` with class ``c``'s images in rows
+    ``offset[c] : offset[c] + class_sizes(split)[c]``.
+    """
+
+    def __init__(self) -> None:
+        self._loaded: dict[str, torch.Tensor] = {}
+        self._offsets: dict[str, list[int]] = {}
+
+    @abc.abstractmethod
+    def class_sizes(self, split: str) -> Sequence[int]:
+        """Images per class in ``split``, in class order."""
+
+    @abc.abstractmethod
+    def load_split(self, split: str, progress=None) -> torch.Tensor:
+        """uint8 [N, C, H, W] images of ``split``, classes contiguous in class order."""
+
+    def offsets(self, split: str) -> list[int]:
+        if split not in self._offsets:
+            self.check_split(split)
+            offsets, total = [], 0
+            for size in self.class_sizes(split):
+                offsets.append(total)
+                total += size
+            self._offsets[split] = offsets
+        return self._offsets[split]
+
+    def draw(self, rng: SplitMix64, split: str, ways: int, shots: int, queries: int) -> EpisodeDraw:
+        sizes = self.class_sizes(split)
+        offsets = self.offsets(split)
+        if ways > len(sizes):
+            from .errors import MetabenchError
+
+            raise MetabenchError(f"{ways}-way episodes need {ways} classes; split {split!r} has {len(sizes)}")
+        classes = rng.sample(len(sizes), ways)
+        support, query = [], []
+        for c in classes:
+            if sizes[c] < shots + queries:
+                from .errors import MetabenchError
+
+                raise MetabenchError(
+                    f"class {c} of split {split!r} has {sizes[c]} examples; "
+                    f"{shots} shots + {queries} queries need {shots + queries}"
+                )
+            picks = [offsets[c] + j for j in rng.sample(sizes[c], shots + queries)]
+            support.extend(picks[:shots])
+            query.extend(picks[shots:])
+        return EpisodeDraw(tuple(classes), tuple(support), tuple(query))
+
+    def prepare(self, split: str, progress=None) -> None:
+        if split not in self._loaded:
+            self.check_split(split)
+            images = self.load_split(split, progress=progress)
+            expected = sum(self.class_sizes(split))
+            if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[0] != expected:
+                raise RuntimeError(
+                    f"{type(self).__name__}.load_split({split!r}) gave {images.dtype} {tuple(images.shape)}; "
+                    f"expected uint8 [{expected}, C, H, W]"
+                )
+            self._loaded[split] = images
+
+    def images(self, split: str) -> torch.Tensor:
+        """uint8 [N, C, H, W] of the split (loading it if needed)."""
+        self.prepare(split)
+        return self._loaded[split]
+
+    def materialize(self, draw: EpisodeDraw, split: str) -> Episode:
+        images = self.images(split)
+        ways = len(draw.classes)
+        shots, queries = len(draw.support) // ways, len(draw.query) // ways
+        support_x = images.index_select(0, torch.tensor(draw.support)).float().div_(255.0)
+        query_x = images.index_select(0, torch.tensor(draw.query)).float().div_(255.0)
+        labels = torch.arange(ways)
+        return Episode(support_x, labels.repeat_interleave(shots), query_x, labels.repeat_interleave(queries))
+
+    def pooled(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """All images of a split with their class labels: (uint8 [N, C, H, W], int64 [N])."""
+        sizes = torch.tensor(list(self.class_sizes(split)))
+        return self.images(split), torch.repeat_interleave(torch.arange(len(sizes)), sizes)

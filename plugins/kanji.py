@@ -1,0 +1,45 @@
+"""Built-in task plugin: ``kanji``, the default data set (Omniglot-like, rendered from KanjiVG).
+
+2,340 characters of at most 10 strokes, 20 jittered renderings each at 28 x 28 px; classes split
+1,500 train / 240 val / 600 test (see :mod:`metabench_plugins.kanji_data`). Protocols follow the
+Omniglot conventions: 5-way with 15 queries per class, 20-way with 5, 600 test episodes.
+"""
+from __future__ import annotations
+
+import torch
+
+from metabench import ClassImageSource, Protocol, hookimpl
+
+from . import kanji_data
+
+VERSION = kanji_data.DATA_VERSION
+EPISODES = 600
+
+
+class KanjiSource(ClassImageSource):
+    """The rendered kanji classes; each split one uint8 tensor [n_classes * 20, 1, 28, 28]."""
+
+    def class_sizes(self, split: str) -> list[int]:
+        self.check_split(split)
+        return kanji_data.class_sizes(split)
+
+    def load_split(self, split: str, progress=None) -> torch.Tensor:
+        return kanji_data.load_split(split, progress=progress)
+
+
+def protocols() -> list[Protocol]:
+    out = []
+    for ways, shots, queries in ((5, 1, 15), (5, 5, 15), (20, 1, 5), (20, 5, 5)):
+        out.append(Protocol(
+            name=f"kanji-{ways}w{shots}s", version=VERSION, dataset="kanji", ways=ways, shots=shots,
+            queries=queries, episodes=EPISODES, image_size=kanji_data.IMAGE_SIZE, channels=1,
+            description=f"{ways}-way {shots}-shot on 600 held-out KanjiVG characters (28 px)",
+        ))
+    return out
+
+
+@hookimpl
+def metabench_register_tasks(register):
+    source = KanjiSource()  # one source shared by the four protocols, so a split loads once
+    for protocol in protocols():
+        register(protocol, source)
