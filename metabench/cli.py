@@ -26,6 +26,14 @@ out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
 
+def make_table(title: str, *columns: str) -> Table:
+    """A table whose cells wrap instead of being cut (output may be read by scripts and tests)."""
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    return table
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metabench", description="Benchmark meta-learning on fixed episodes.")
     parser.add_argument("--version", action="version", version=f"metabench {__version__}")
@@ -146,9 +154,7 @@ def format_metric(summary: dict, metric: str) -> str:
 
 
 def result_table(doc: dict) -> Table:
-    table = Table(title=f"metabench {doc['metabench_version']} · budget {doc['budget']} · seed {doc['seed']}")
-    for col in ("task", "learner", "backbone", f"{doc['task']['metric']} (95% CI)", "episodes", "meta-train", "eval"):
-        table.add_column(col)
+    table = make_table(f"metabench {doc['metabench_version']} · budget {doc['budget']} · seed {doc['seed']}", *("task", "learner", "backbone", f"{doc['task']['metric']} (95% CI)", "episodes", "meta-train", "eval"))
     table.add_row(doc["task"]["name"], doc["learner"]["name"], doc["backbone"]["name"],
                   format_metric(doc["summary"], doc["task"]["metric"]), str(doc["summary"]["n"]),
                   f"{doc['timing']['meta_train_s']:.1f}s", f"{doc['timing']['eval_s']:.1f}s")
@@ -159,28 +165,21 @@ def cmd_list(args: argparse.Namespace) -> int:
     host = _host()
     kinds = [args.kind] if args.kind else ["learners", "tasks", "backbones"]
     if "learners" in kinds:
-        table = Table(title="learners")
-        for col in ("name", "plugin", "problems", "transductive", "backbone", "reference"):
-            table.add_column(col)
+        table = make_table("learners", *("name", "plugin", "problems", "transductive", "backbone", "reference"))
         for e in host.learners:
             c = e.obj
             table.add_row(e.name, e.plugin, ", ".join(sorted(c.problem_types)), "yes" if c.transductive else "no",
                           c.default_backbone, c.reference)
         out.print(table)
     if "tasks" in kinds:
-        table = Table(title="tasks")
-        for col in ("name", "version", "plugin", "ways", "shots", "queries", "episodes", "image", "metric"):
-            table.add_column(col)
+        table = make_table("tasks", *("name", "version", "plugin", "ways", "shots", "queries", "episodes", "image", "metric"))
         for e in host.tasks:
             p = e.obj
             table.add_row(p.name, str(p.version), e.plugin, str(p.ways), str(p.shots), str(p.queries),
                           str(p.episodes), f"{p.channels}x{p.image_size}px", p.metric)
         out.print(table)
     if "backbones" in kinds:
-        table = Table(title="backbones")
-        table.add_column("name")
-        table.add_column("plugin")
-        table.add_column("description")
+        table = make_table("backbones", "name", "plugin", "description")
         for e in host.backbones:
             table.add_row(e.name, e.plugin, (e.obj.__doc__ or "").strip().splitlines()[0] if e.obj.__doc__ else "")
         out.print(table)
@@ -189,9 +188,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_plugins(args: argparse.Namespace) -> int:
     host = _host()
-    table = Table(title="plugins")
-    for col in ("name", "distribution", "version", "hooks", "status"):
-        table.add_column(col)
+    table = make_table("plugins", *("name", "distribution", "version", "hooks", "status"))
     for info in host.plugins.values():
         table.add_row(info.name, info.distribution, info.version, "\n".join(info.hooks) or "-",
                       "; ".join(info.errors) or "ok")
@@ -227,9 +224,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                              f"{ta['episodes_sha256'][:12]}… vs {tb['episodes']} episodes {tb['episodes_sha256'][:12]}…)")
     c = paired_compare(a["per_episode"], b["per_episode"])
     metric, higher = ta["metric"], ta["higher_is_better"]
-    table = Table(title=f"{ta['name']} · {c.n} paired episodes · {metric} ({'higher' if higher else 'lower'} is better)")
-    for col in ("", "A", "B"):
-        table.add_column(col)
+    table = make_table(f"{ta['name']} · {c.n} paired episodes · {metric} ({'higher' if higher else 'lower'} is better)", *("", "A", "B"))
     table.add_row("learner", a["learner"]["name"], b["learner"]["name"])
     table.add_row("file", args.a, args.b)
     table.add_row("mean (95% CI)", format_metric(a["summary"], metric), format_metric(b["summary"], metric))

@@ -57,7 +57,7 @@ def schema_problems(doc: Any, spec: dict = _REQUIRED, where: str = "") -> list[s
                 ok = True
             if not ok:
                 problems.append(f"{path} should be {'/'.join(k.__name__ for k in kinds)}, got {type(value).__name__}")
-    if not problems:
+    if not problems and not where:
         per = doc["per_episode"]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in per):
             problems.append("per_episode must hold finite numbers")
