@@ -29,8 +29,8 @@ err = Console(stderr=True, highlight=False)
 def make_table(title: str, *columns: str) -> Table:
     """A table whose cells wrap instead of being cut (output may be read by scripts and tests)."""
     table = Table(title=title)
-    for col in columns:
-        table.add_column(col, overflow="fold")
+    for i, col in enumerate(columns):
+        table.add_column(col, overflow="fold", no_wrap=i == 0)  # the first column holds names: keep whole
     return table
 
 
@@ -110,7 +110,7 @@ class RichProgress:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .results import write_result
-    from .runner import PluginFailed, RunRequest, execute
+    from .runner import PluginFailed, RunRequest, execute, prepare
 
     toml = read_toml(args.config) if args.config else {}
     opts = dict(DEFAULTS)
@@ -130,6 +130,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                          budget=opts["budget"], episodes=opts["episodes"], device=opts["device"],
                          learner_layers=layers, backbone_options=backbone_options)
     host = _host()
+    prepare(request, host)  # refuse bad input before any progress bar is drawn
     columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
     try:

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class TinySource(ClassImageSource):
-    """12 classes x 10 images of 8x8 px per split; class c's images are noise around level c."""
+    """12 classes x 10 images of 16x16 px per split; class c's images are noise around level c."""
 
     def class_sizes(self, split):
         self.check_split(split)
@@ -27,11 +27,11 @@ class TinySource(ClassImageSource):
     def load_split(self, split, progress=None):
         g = torch.Generator().manual_seed({"train": 1, "val": 2, "test": 3}[split])
         levels = torch.arange(12).repeat_interleave(10).view(-1, 1, 1, 1) * 20
-        noise = torch.randint(0, 20, (120, 1, 8, 8), generator=g)
+        noise = torch.randint(0, 20, (120, 1, 16, 16), generator=g)
         return (levels + noise).to(torch.uint8)
 
 
-TINY = Protocol(name="tiny-3w2s", version=1, dataset="tiny", ways=3, shots=2, queries=3, episodes=25, image_size=8)
+TINY = Protocol(name="tiny-3w2s", version=1, dataset="tiny", ways=3, shots=2, queries=3, episodes=25, image_size=16)
 
 
 class ToyLearner(Learner):

@@ -1,0 +1,5 @@
+"""metabench's built-in plugins, installed as the package ``metabench_plugins``.
+
+Each module is one plugin, listed in the ``metabench`` entry-point group of pyproject.toml,
+exactly as a third-party package lists its own; the core never imports them.
+"""
