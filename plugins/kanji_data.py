@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from metabench.cache import cache_dir
+from metabench.rng import SplitMix64  # the same generator the episodes use
 
 IMAGE_SIZE = 28
 INSTANCES_PER_CLASS = 20
@@ -74,26 +75,6 @@ STROKE_STRETCH = 0.12  # per-stroke scale about the stroke's box centre, per axi
 HALFWIDTH_PX = (0.55, 0.95)  # pen half width range, in pixels
 
 _INSTALL_HINT = f"pip install kanjivg=={KANJIVG_VERSION}"
-_MASK64 = (1 << 64) - 1
-
-
-# ----------------------------------------------------------------------------- deterministic RNG
-class SplitMix64:
-    """splitmix64 on Python integers; floats are k / 2**53 (exact, platform independent)."""
-
-    def __init__(self, seed: int) -> None:
-        self.state = seed & _MASK64
-
-    def next_u64(self) -> int:
-        self.state = (self.state + 0x9E3779B97F4A7C15) & _MASK64
-        z = self.state
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-        return z ^ (z >> 31)
-
-    def uniform(self, low: float, high: float) -> float:
-        """A float in [low, high)."""
-        return low + (high - low) * ((self.next_u64() >> 11) / 9007199254740992.0)
 
 
 # ----------------------------------------------------------------------------- KanjiVG access
