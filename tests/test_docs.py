@@ -1,0 +1,35 @@
+"""The README stays true: its plugin example runs, its test command is the one CI runs."""
+import re
+import types
+
+from metabench.runner import RunRequest, execute
+
+from conftest import ROOT, host_with, tiny_plugin
+
+README = (ROOT / "README.md").read_text()
+
+
+def test_readme_plugin_example_runs():
+    (code,) = [b for b in re.findall(r"```python\n(.*?)```", README, re.S) if "metabench_register_learners" in b]
+    module = types.ModuleType("readme_plugin")
+    exec(compile(code, "README.md", "exec"), module.__dict__)
+    host = host_with(("readme", module), ("tiny", tiny_plugin()))
+    assert host.errors == []
+    doc = execute(RunRequest(learner="pixel_centroid", task="tiny-3w2s", budget="smoke"), host)
+    assert doc["summary"]["mean"] > 0.9  # tiny classes are separable in pixel space
+
+
+def test_readme_test_command_is_what_ci_runs():
+    blocks = re.findall(r"```sh\n(.*?)```", README, re.S)
+    test_cmd = next(b for b in blocks if "pytest" in b).strip()
+    ci = (ROOT / ".ci" / "run").read_text()
+    for step in test_cmd.split(" && ")[2:]:  # after creating and activating the venv
+        assert step in ci, step
+    assert "python3 -m venv" in ci
+
+
+def test_readme_names_every_hook():
+    from metabench import hookspecs
+
+    for name in (n for n in dir(hookspecs) if n.startswith("metabench_")):
+        assert f"{name}(register)" in README, name
