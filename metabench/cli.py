@@ -34,6 +34,29 @@ def make_table(title: str, *columns: str) -> Table:
     return table
 
 
+def add_data_root(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-root", metavar="DIR",
+                        help="folder holding the data sets (default $METABENCH_DATA); NAME=DIR for one data set")
+
+
+def data_roots(args: argparse.Namespace, toml: dict | None = None):
+    """DataRoots from --data-root (DIR or NAME=DIR), the config's [data] table and $METABENCH_DATA."""
+    from .data import DataRoots
+
+    per = dict((toml or {}).get("data", {}))
+    root = per.pop("root", None) or ((toml or {}).get("run", {}).get("data_root"))
+    bad = [k for k, v in per.items() if not isinstance(v, str)]
+    if bad:
+        raise MetabenchError(f"[data] {', '.join(bad)}: expected a folder path (text)")
+    value = getattr(args, "data_root", None)
+    if value and "=" in value and not os.path.isdir(value):
+        name, _, folder = value.partition("=")
+        per[name] = folder
+    elif value:
+        root = value
+    return DataRoots.from_settings(root, per)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metabench", description="Benchmark meta-learning on fixed episodes.")
     parser.add_argument("--version", action="version", version=f"metabench {__version__}")
@@ -51,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a learner setting, or backbone.KEY=VALUE (repeatable)")
     run.add_argument("--out", help="folder for the result JSON (default ./metabench-results/)")
+    add_data_root(run)
 
     lst = sub.add_parser("list", help="list registered learners, tasks or backbones")
     lst.add_argument("kind", nargs="?", choices=("learners", "tasks", "backbones"), help="what to list (default: all)")
@@ -61,6 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     eps.add_argument("--task", required=True)
     eps.add_argument("--split", help="split (default: the protocol's evaluation split)")
     eps.add_argument("--episodes", type=int, help="first N episodes (default: the protocol's count)")
+    add_data_root(eps)
+
+    data = sub.add_parser("data", help="prepare (decode and cache) a task's data set, or show what is cached")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    for action, text in (("prepare", "decode, resize and cache every split once"),
+                         ("info", "what is cached: size, SHA-256, class counts")):
+        p = data_sub.add_parser(action, help=text)
+        p.add_argument("task")
+        p.add_argument("--config", metavar="FILE.toml", help="TOML file whose [data] table names data folders")
+        add_data_root(p)
 
     cmp_ = sub.add_parser("compare", help="paired t-test and Wilcoxon test of two results on the same episodes")
     cmp_.add_argument("a", metavar="A.json")
@@ -126,7 +160,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     out_dir = Path(opts["out"])
     if out_dir.exists() and not out_dir.is_dir():
         raise MetabenchError(f"--out {out_dir}: exists and is not a folder")
-    request = RunRequest(learner=args.learner, task=opts["task"], backbone=opts["backbone"], seed=int(opts["seed"]),
+    request = RunRequest(data_roots=data_roots(args, toml), learner=args.learner, task=opts["task"], backbone=opts["backbone"], seed=int(opts["seed"]),
                          budget=opts["budget"], episodes=opts["episodes"], device=opts["device"],
                          learner_layers=layers, backbone_options=backbone_options)
     host = _host()
@@ -205,6 +239,7 @@ def cmd_episodes(args: argparse.Namespace) -> int:
     if args.episodes is not None and args.episodes < 1:
         raise MetabenchError(f"--episodes {args.episodes}: must be a positive integer")
     split = args.split or protocol.eval_split
+    source.set_roots(data_roots(args))
     draws = eval_draws(protocol, source, split, args.episodes)
     out.print(f"{episodes_sha256(draws)}  {protocol.name} v{protocol.version} {split} {len(draws)} episodes",
               markup=False, soft_wrap=True)
@@ -239,7 +274,38 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "list": cmd_list, "plugins": cmd_plugins, "episodes": cmd_episodes, "compare": cmd_compare}
+def cmd_data(args: argparse.Namespace) -> int:
+    host = _host()
+    protocol, source, plugin = host.task(args.task)
+    source.set_roots(data_roots(args, read_toml(args.config) if args.config else None))
+    if args.data_command == "prepare":
+        from .runner import PluginFailed, prepare_split
+
+        columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[info]}"))
+        try:
+            with Progress(*columns, console=err) as bars:
+                for split in source.splits:
+                    prepare_split(source, split, plugin, RichProgress(bars))
+        except PluginFailed as exc:
+            err.print(f"metabench: error: {exc}", markup=False, soft_wrap=True)
+            return 1
+    info = source.info()
+    table = make_table(f"{protocol.dataset} data ({args.task})", "split", "cached", "classes", "images",
+                       "per class", "size")
+    for split, row in info.items():
+        per_class = f"{row['min_per_class']}-{row['max_per_class']}" if "min_per_class" in row else ""
+        size = f"{row['bytes'] / 2**20:.1f} MiB" if "bytes" in row else ""
+        table.add_row(split, "yes" if row.get("cached") else "no", str(row.get("classes", "")),
+                      str(row.get("images", "")), per_class, size)
+    out.print(table)
+    for split, row in info.items():
+        if row.get("cached"):
+            out.print(f"{split}: sha256 {row['sha256']}  {row['path']}", markup=False, soft_wrap=True)
+    return 0
+
+
+COMMANDS = {"data": cmd_data, "run": cmd_run, "list": cmd_list, "plugins": cmd_plugins, "episodes": cmd_episodes, "compare": cmd_compare}
 
 if __name__ == "__main__":
     sys.exit(main())

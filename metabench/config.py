@@ -8,6 +8,8 @@ TOML layout::
     inner_lr = 0.4
     [backbone]  # options of the backbone factory
     width = 32
+    [data]      # per-data-set folders (override --data-root / $METABENCH_DATA)
+    miniimagenet = "/data/mini-imagenet"
 
 ``--set key=value`` sets a learner hyper-parameter; ``--set backbone.key=value`` a backbone option.
 """
@@ -21,8 +23,8 @@ from typing import Any
 
 from .errors import MetabenchError
 
-RUN_KEYS = ("task", "backbone", "seed", "budget", "episodes", "device", "out")
-_TOP_KEYS = ("run", "learner", "backbone")
+RUN_KEYS = ("task", "backbone", "seed", "budget", "episodes", "device", "out", "data_root")
+_TOP_KEYS = ("run", "learner", "backbone", "data")
 
 
 def read_toml(path: str | Path) -> dict[str, dict[str, Any]]:

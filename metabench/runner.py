@@ -15,6 +15,7 @@ import torch
 
 from . import __version__
 from .config import build_config, coerce_backbone_options
+from .data import DataRoots
 from .episodes import TrainSampler, episodes_sha256, eval_draws
 from .errors import MetabenchError, PluginError
 from .learner import BUDGETS, Learner, TrainContext
@@ -58,6 +59,7 @@ class RunRequest:
     device: str = "cpu"
     learner_layers: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     backbone_options: dict[str, Any] = field(default_factory=dict)
+    data_roots: DataRoots | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -149,6 +151,7 @@ def execute(request: RunRequest, host: PluginHost, progress: Progress | None = N
     who = f"learner {entry.name!r} (plugin {entry.plugin!r})"
     n_eval = request.episodes or (min(SMOKE_EPISODES, protocol.episodes) if request.budget == "smoke" else protocol.episodes)
 
+    source.set_roots(request.data_roots or DataRoots.from_settings())
     for split in dict.fromkeys(("train", protocol.eval_split)):
         prepare_split(source, split, task_plugin, progress)
     draws = eval_draws(protocol, source, protocol.eval_split, n_eval)

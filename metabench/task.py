@@ -116,6 +116,13 @@ class DataSource(abc.ABC):
     def prepare(self, split: str, progress=None) -> None:
         """Load (and if needed build and cache) a split before episodes are materialized."""
 
+    def set_roots(self, roots) -> None:
+        """Where the user keeps data (a :class:`metabench.data.DataRoots`); built-in data ignores it."""
+
+    def info(self) -> dict:
+        """Per split, what is cached: ``{split: {"cached": bool, "classes": int, ...}}``."""
+        return {}
+
     def check_split(self, split: str) -> None:
         if split not in self.splits:
             from .errors import MetabenchError

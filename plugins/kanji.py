@@ -26,6 +26,19 @@ class KanjiSource(ClassImageSource):
     def load_split(self, split: str, progress=None) -> torch.Tensor:
         return kanji_data.load_split(split, progress=progress)
 
+    def info(self) -> dict:
+        """The one cache file holds every split; its digest is the committed RENDER_SHA256."""
+        path = kanji_data.cache_path()
+        cached = path.exists()
+        out = {}
+        for split in self.splits:
+            row = {"cached": cached, "classes": len(self.class_sizes(split)), "images": sum(self.class_sizes(split)),
+                   "min_per_class": kanji_data.INSTANCES_PER_CLASS, "max_per_class": kanji_data.INSTANCES_PER_CLASS}
+            if cached:
+                row.update(path=str(path), bytes=path.stat().st_size, sha256=kanji_data.RENDER_SHA256 + " (all splits)")
+            out[split] = row
+        return out
+
 
 def protocols() -> list[Protocol]:
     out = []
