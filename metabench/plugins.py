@@ -27,7 +27,8 @@ from .task import PROBLEM_TYPES, DataSource, Protocol
 
 ENTRY_POINT_GROUP = "metabench"
 ALLOW_ENV = "METABENCH_PLUGINS"
-_LEARNER_NAME = re.compile(r"^[a-z0-9][a-z0-9_+.-]*$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_+.-]*$")
+_BACKBONE_NAME = re.compile(r"^[a-z0-9][a-z0-9_+.-]*(:\*)?$")  # "family:*" registers a family
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,7 @@ class PluginHost:
     def _add_backbone(self, plugin: str, args: tuple, kwargs: dict) -> Entry:
         bound = self._bind(plugin, "register(name, factory)", lambda name, factory: None, args, kwargs)
         name, factory = bound.arguments["name"], bound.arguments["factory"]
-        _check_name(name, "backbone")
+        _check_name(name, "backbone", _BACKBONE_NAME)
         if not callable(factory) or isinstance(factory, type) and issubclass(factory, nn.Module):
             raise PluginError(f"backbone {name!r} must be a factory function returning metabench.Backbone, "
                               f"got {type(factory).__name__} {factory!r}")
@@ -207,10 +208,16 @@ class PluginHost:
         return entry.obj, entry.extra["source"], entry.plugin
 
     def build_backbone(self, name: str, in_channels: int, image_size: int, **options: Any) -> Backbone:
-        """Call a backbone factory and check what it returns, naming the plugin if it is wrong."""
+        """Call a backbone factory and check what it returns, naming the plugin if it is wrong.
+
+        A family entry ``family:*`` gets the part after the colon as ``variant=``.
+        """
         entry = self.backbones.get(name)
-        accepted = [p for p in inspect.signature(entry.obj).parameters if p not in ("in_channels", "image_size")]
-        unknown = [k for k in options if k not in accepted]
+        if entry.name.endswith(":*"):
+            options = {**options, "variant": name.partition(":")[2]}
+        fixed = ("in_channels", "image_size", "variant")
+        accepted = [p for p in inspect.signature(entry.obj).parameters if p not in fixed]
+        unknown = [k for k in options if k not in accepted and k != "variant"]
         if unknown:
             raise MetabenchError(f"backbone {name!r} has no option {', '.join(map(repr, unknown))}; "
                                  f"accepted: {', '.join(accepted) or 'none'}")
@@ -229,8 +236,8 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _check_name(name: Any, kind: str) -> None:
-    if not isinstance(name, str) or not _LEARNER_NAME.match(name):
+def _check_name(name: Any, kind: str, pattern: re.Pattern = _NAME) -> None:
+    if not isinstance(name, str) or not pattern.match(name):
         raise PluginError(f"{kind} name must be lowercase text like 'maml' or 'baseline++', got {name!r}")
 
 

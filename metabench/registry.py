@@ -37,11 +37,16 @@ class Registry(Generic[T]):
         self._entries[entry.name] = entry
 
     def get(self, name: str) -> Entry[T]:
-        """The entry called ``name``; an unknown name raises MetabenchError with suggestions."""
-        try:
+        """The entry called ``name``; an unknown name raises MetabenchError with suggestions.
+
+        A name ``family:variant`` not registered itself resolves to a family entry ``family:*``.
+        """
+        if name in self._entries:
             return self._entries[name]
-        except KeyError:
-            raise MetabenchError(self.unknown_message(name)) from None
+        family, sep, variant = name.partition(":")
+        if sep and variant and f"{family}:*" in self._entries:
+            return self._entries[f"{family}:*"]
+        raise MetabenchError(self.unknown_message(name))
 
     def unknown_message(self, name: str) -> str:
         names = sorted(self._entries)

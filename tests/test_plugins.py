@@ -192,3 +192,21 @@ def test_backbone_options_are_checked():
     assert host.build_backbone("conv4", 1, 28, width=32).out_features == 32
     with pytest.raises(MetabenchError, match="no option 'depth'; accepted: width"):
         host.build_backbone("conv4", 1, 28, depth=3)
+
+
+def test_backbone_family_resolves_variants():
+    seen = []
+
+    def family(in_channels, image_size, variant, scale: int = 1):
+        seen.append((variant, scale))
+        return Backbone(nn.Flatten(), in_channels * image_size * image_size * scale)
+
+    host = host_with(("fam", plugin(metabench_register_backbones=lambda register: register("zoo:*", family))),
+                     builtins=False)
+    assert host.errors == []
+    assert host.build_backbone("zoo:big", 1, 4, scale=2).out_features == 32
+    assert seen == [("big", 2)]
+    with pytest.raises(MetabenchError, match="unknown backbone 'zo:big'"):
+        host.build_backbone("zo:big", 1, 4)
+    with pytest.raises(MetabenchError, match="no option 'depth'; accepted: scale"):
+        host.build_backbone("zoo:big", 1, 4, depth=1)
