@@ -47,7 +47,8 @@ class Protocol:
     def __post_init__(self) -> None:
         problems = []
         if not _NAME_RE.match(self.name):
-            problems.append(f"name {self.name!r} is not of the form <dataset>-<ways>w<shots>s")
+            problems.append(f"name {self.name!r} is not of the form <dataset>-<ways>w<shots>s "
+                            "(or <dataset>-<shots>s for regression)")
         elif not self.name.startswith(self.dataset + "-"):
             problems.append(f"name {self.name!r} does not start with its dataset {self.dataset!r}")
         for attr in ("version", "ways", "shots", "queries", "episodes", "image_size", "channels"):
