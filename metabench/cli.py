@@ -301,7 +301,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     out.print(table)
     for split, row in info.items():
         if row.get("cached"):
-            out.print(f"{split}: sha256 {row['sha256']}  {row['path']}", markup=False, soft_wrap=True)
+            out.print(f"{split}: sha256 {row.get('sha256', '?')}  {row.get('path', '')}", markup=False, soft_wrap=True)
     return 0
 
 

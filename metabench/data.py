@@ -106,6 +106,7 @@ class CachedImages:
     sizes: list[int]
     sha256: str
     path: Path
+    extra: dict | None = None
 
 
 def _atomic_write_bytes(path: Path, write: Callable[[object], None]) -> None:
@@ -155,10 +156,31 @@ def build_image_cache(key: str, listing: ImageList, size: int, channels: int,
         if os.path.exists(str(npy) + ".partial"):
             os.unlink(str(npy) + ".partial")
         raise
-    description = {"classes": list(listing.classes), "sizes": listing.sizes(), "sha256": digest,
-                   "shape": [total, channels, size, size], "source": listing.fingerprint()}
-    _atomic_write_bytes(meta, lambda fh: fh.write(json.dumps(description, indent=1).encode()))
+    _write_description(meta, list(listing.classes), listing.sizes(), digest, [total, channels, size, size],
+                       listing.fingerprint(), None)
     return open_image_cache(key, verify=False)
+
+
+def _write_description(meta: Path, classes, sizes, digest, shape, source, extra) -> None:
+    description = {"classes": list(classes), "sizes": list(sizes), "sha256": digest, "shape": list(shape),
+                   "source": source, "extra": extra}
+    _atomic_write_bytes(meta, lambda fh: fh.write(json.dumps(description, indent=1).encode()))
+
+
+def write_image_cache(key: str, images: np.ndarray, classes: Sequence[str], sizes: Sequence[int], source: str,
+                      extra: dict | None = None) -> CachedImages:
+    """Store images that already are an array (uint8 [N, C, H, W], classes contiguous) under ``key``.
+
+    ``extra`` (JSON-able) is kept in the sidecar and returned as ``CachedImages.extra``.
+    """
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != sum(sizes):
+        raise ValueError(f"write_image_cache: expected uint8 [{sum(sizes)}, C, H, W], got {images.dtype} {images.shape}")
+    images = np.ascontiguousarray(images)
+    npy, meta = cache_paths(key)
+    npy.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(npy, lambda fh: np.save(fh, images, allow_pickle=False))
+    _write_description(meta, classes, sizes, hashlib.sha256(images.data).hexdigest(), images.shape, source, extra)
+    return open_image_cache(key)
 
 
 def open_image_cache(key: str, verify: bool = False) -> CachedImages | None:
@@ -178,7 +200,8 @@ def open_image_cache(key: str, verify: bool = False) -> CachedImages | None:
     with warnings.catch_warnings():  # a read-only memory map: torch warns that it is not writable
         warnings.simplefilter("ignore", UserWarning)
         images = torch.from_numpy(array)
-    return CachedImages(images, description["classes"], description["sizes"], description["sha256"], npy)
+    return CachedImages(images, description["classes"], description["sizes"], description["sha256"], npy,
+                        description.get("extra"))
 
 
 class FolderImageSource(ClassImageSource):

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import codecs
 import hashlib
-import json
 import pickle
 from dataclasses import dataclass
 from functools import lru_cache
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 
 from metabench import ClassImageSource, MetabenchError, Protocol, hookimpl
-from metabench.data import DataRoots, _atomic_write_bytes, cache_paths, open_image_cache, read_split_file
+from metabench.data import DataRoots, open_image_cache, read_split_file, write_image_cache
 
 VERSION = 1
 EPISODES = 600
@@ -209,12 +208,7 @@ def build_pool_cache(folder: Path, key: str, progress=None) -> None:
             raise MetabenchError(f"{DATASET}: {folder}: fine class {c} ({fine_names[c]}) has superclass labels "
                                  f"{found.tolist()}; CIFAR-100 gives each class one superclass (expected {LAYOUT})")
         superclass.append(coarse_names[int(found[0])])
-    npy, meta = cache_paths(key)
-    npy.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(npy, lambda fh: np.save(fh, images, allow_pickle=False))
-    description = {"classes": fine_names, "sizes": sizes.tolist(), "sha256": hashlib.sha256(images.data).hexdigest(),
-                   "shape": list(images.shape), "source": str(folder), "superclasses": superclass}
-    _atomic_write_bytes(meta, lambda fh: fh.write(json.dumps(description, indent=1).encode()))
+    write_image_cache(key, images, fine_names, sizes.tolist(), str(folder), {"superclasses": superclass})
     if progress:
         progress(3, 3)
 
@@ -227,10 +221,10 @@ def load_pool(folder: Path, progress=None) -> Pool:
     key = cache_key(folder)
     if key not in _POOLS:
         found = open_image_cache(key)
-        superclass = _cached_superclasses(key) if found else None
-        if found is None or superclass is None:
+        if found is None or _superclasses(found) is None:
             build_pool_cache(folder, key, progress)
-            found, superclass = open_image_cache(key), _cached_superclasses(key)
+            found = open_image_cache(key)
+        superclass = _superclasses(found)
         short = [(n, s) for n, s in zip(found.classes, found.sizes) if s != IMAGES_PER_CLASS]
         if short:
             listed = ", ".join(f"{n} has {s}" for n, s in short[:3]) + (", ..." if len(short) > 3 else "")
@@ -241,11 +235,8 @@ def load_pool(folder: Path, progress=None) -> Pool:
     return _POOLS[key]
 
 
-def _cached_superclasses(key: str) -> list[str] | None:
-    try:
-        value = json.loads(cache_paths(key)[1].read_text()).get("superclasses")
-    except (OSError, ValueError):
-        return None
+def _superclasses(found) -> list[str] | None:
+    value = (found.extra or {}).get("superclasses")
     return value if isinstance(value, list) and len(value) == N_FINE else None
 
 
