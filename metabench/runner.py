@@ -137,16 +137,17 @@ def prepare(request: RunRequest, host: PluginHost):
     defaults = {k: p.default for k, p in inspect.signature(backbone_entry.obj).parameters.items()
                 if p.default is not inspect.Parameter.empty}
     backbone_options = coerce_backbone_options(request.backbone_options, defaults)
+    recorded_options = {k: v for k, v in defaults.items() if k != "variant"} | backbone_options
     layers = [(f"budget {request.budget!r}", cls.budgets[request.budget])] + list(request.learner_layers)
     config = build_config(cls.Config, layers, request.learner)
     device = resolve_device(request.device)
-    return entry, protocol, source, backbone_name, backbone_options, config, device
+    return entry, protocol, source, backbone_name, backbone_options, recorded_options, config, device
 
 
 def execute(request: RunRequest, host: PluginHost, progress: Progress | None = None) -> dict:
     """Run the request and return the result document (not yet written)."""
     progress = progress or NoProgress()
-    entry, protocol, source, backbone_name, backbone_options, config, device = prepare(request, host)
+    entry, protocol, source, backbone_name, backbone_options, recorded_options, config, device = prepare(request, host)
     task_plugin = host.tasks.get(protocol.name).plugin
     who = f"learner {entry.name!r} (plugin {entry.plugin!r})"
     n_eval = request.episodes or (min(SMOKE_EPISODES, protocol.episodes) if request.budget == "smoke" else protocol.episodes)
@@ -213,7 +214,7 @@ def execute(request: RunRequest, host: PluginHost, progress: Progress | None = N
             "version": str(getattr(cls, "version", None) or host.plugins[entry.plugin].version),
             "config": dataclasses.asdict(config), "transductive": bool(cls.transductive),
         },
-        "backbone": {"name": backbone_name, "options": backbone_options, "out_features": backbone.out_features,
+        "backbone": {"name": backbone_name, "options": recorded_options, "out_features": backbone.out_features,
                      "parameters": sum(p.numel() for p in backbone.module.parameters())},
         "seed": request.seed,
         "budget": request.budget,
