@@ -1,0 +1,225 @@
+"""Task plugin ``tieredimagenet``: tieredImageNet with Ren et al.'s class split, read from the user's folder.
+
+351 / 97 / 160 ImageNet classes (under 20 / 6 / 8 high-level categories), decoded once to 84 x 84
+RGB (see ``splits/tieredimagenet.json`` and ``splits/README.md``). Two layouts are accepted, per
+split:
+
+* one folder per split: ``train/``, ``val/``, ``test/``, each with a ``<wnid>/`` folder of .jpg or
+  .png images per class (e.g. what tiered-imagenet-tools writes);
+* Ren et al.'s pickles: ``<split>_images_png.pkl`` (a list of PNG-encoded images, numpy uint8
+  arrays or bytes) and ``<split>_labels.pkl`` (a dict with ``label_specific``, one class index per
+  image, and ``label_specific_str``, the class names). Names that are not WordNet ids are mapped
+  through ``synsets.txt`` and ``class_names.txt`` (line-aligned, as shipped with the pickles).
+  The pickles are read with an unpickler that only builds numpy arrays and plain containers.
+
+Classes are numbered in the split file's order (Ren et al.'s csv order), whatever the order of the
+class indices inside the pickles.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import re
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from metabench import MetabenchError, hookimpl
+from metabench.data import ImageList, cache_paths, decode_image, open_image_cache
+
+from .miniimagenet import SPLITS_DIR, SplitFolderSource, make_protocols
+
+SETTINGS = ((5, 1, 15), (5, 5, 15))
+_WNID = re.compile(r"^n\d{8}$")
+_PICKLE_MARK = "#"  # an image inside a pickle is listed as Path("<pickle>#<row, 8 digits>")
+
+
+def protocols():
+    return make_protocols("tieredimagenet", SETTINGS, 84, 3,
+                          "the 160 test classes of tieredImageNet (Ren et al. split, 84 px)")
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles numpy arrays, numbers, strings, bytes, lists and dicts, and nothing that runs other code."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"), ("collections", "OrderedDict"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            with warnings.catch_warnings():  # numpy 2 warns about the numpy.core alias old pickles name
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _text(value) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+class TieredImageNetSource(SplitFolderSource):
+    """tieredImageNet, 84 x 84 RGB; each split one uint8 cache [N, 3, 84, 84]."""
+
+    dataset = "tieredimagenet"
+    folder_names = ("tieredimagenet", "tiered-imagenet", "tiered_imagenet", "tieredImageNet", "tiered-ImageNet")
+    layout = ("train/, val/, test/ with one <wnid>/ folder of .jpg/.png files per class, "
+              "or <split>_images_png.pkl + <split>_labels.pkl (Ren et al.)")
+    image_size = 84
+    channels = 3
+    split_file = SPLITS_DIR / "tieredimagenet.json"
+    split_sha256 = "e0749fe07cbf33cf104983d830b6b1052f7794a69e9cfeb919989f4161dc3975"
+    min_images = max(s + q for _, s, q in SETTINGS)
+
+    def list_split(self, root: Path, split: str) -> ImageList:
+        if (root / f"{split}_images_png.pkl").is_file():
+            return self._from_pickles(root, split)
+        if (root / split).is_dir():
+            return self.class_folders(root / split, split)
+        raise self.error(f"{root} has neither {split}_images_png.pkl + {split}_labels.pkl nor a {split}/ folder")
+
+    # --------------------------------------------------------------------- pickles
+    def load_pickle(self, path: Path):
+        try:
+            with open(path, "rb") as fh:
+                return _ArraysOnly(fh, encoding="latin1").load()
+        except (OSError, EOFError, ValueError, TypeError, pickle.UnpicklingError, AttributeError, ImportError) as exc:
+            raise self.error(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+
+    def _from_pickles(self, root: Path, split: str) -> ImageList:
+        images_pkl, labels_pkl = root / f"{split}_images_png.pkl", root / f"{split}_labels.pkl"
+        if not labels_pkl.is_file():
+            raise self.error(f"{images_pkl} has no {labels_pkl.name} next to it")
+        data = self.load_pickle(labels_pkl)
+        data = {_text(k): v for k, v in data.items()} if isinstance(data, dict) else {}
+        if "label_specific" not in data or "label_specific_str" not in data:
+            raise self.error(f"{labels_pkl} is not a dict with label_specific and label_specific_str")
+        labels = np.asarray(data["label_specific"]).reshape(-1)
+        names = [_text(n) for n in data["label_specific_str"]]
+        if labels.size and (labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= len(names)):
+            raise self.error(f"{labels_pkl}: label_specific must be class indices into label_specific_str "
+                             f"({len(names)} names)")
+        expected = self.split_classes(split)
+        wnids = self._wnids(root, names, labels_pkl, expected)
+        index = {wnid: i for i, wnid in enumerate(wnids)}
+        used = set(np.unique(labels).tolist())
+        extra = sorted(w for w, i in index.items() if i in used and w not in set(expected))
+        if extra:
+            raise self.error(f"{labels_pkl} has class {extra[0]}, which is not in the committed {split} split "
+                             f"({len(extra)} such class(es)); is this another class split?")
+        files = []
+        for wnid in expected:
+            if wnid not in index:
+                raise self.error(f"class {wnid} of split {split!r} is missing from {labels_pkl}")
+            rows = np.flatnonzero(labels == index[wnid])
+            files.append([Path(f"{images_pkl}{_PICKLE_MARK}{row:08d}") for row in rows.tolist()])
+        return self.finish(split, expected, files, [f"{labels_pkl}"] * len(expected))
+
+    def _wnids(self, root: Path, names: list[str], labels_pkl: Path, expected) -> list[str]:
+        """WordNet ids of the pickle's class names (which are either ids or ImageNet class names)."""
+        if all(_WNID.match(n) for n in names):
+            return names
+        synsets, words = root / "synsets.txt", root / "class_names.txt"
+        if not (synsets.is_file() and words.is_file()):
+            raise self.error(f"{labels_pkl} names classes by words ({names[0]!r}); {synsets.name} and "
+                             f"{words.name} are needed next to it to map them to WordNet ids")
+        by_name: dict[str, list[str]] = {}
+        for wnid, name in zip(synsets.read_text().splitlines(), words.read_text().splitlines()):
+            by_name.setdefault(name.strip(), []).append(wnid.strip())
+        committed = set(expected) | {w for s in self.splits for w in self.split_classes(s)}
+        out = []
+        for name in names:
+            candidates = by_name.get(name.strip(), [])
+            if len(candidates) > 1:  # ImageNet repeats a few names (e.g. 'crane'): keep the split's one
+                candidates = [w for w in candidates if w in committed]
+            if len(candidates) != 1:
+                raise self.error(f"{labels_pkl}: class name {name!r} matches {len(candidates)} lines of {words}")
+            out.append(candidates[0])
+        return out
+
+    @staticmethod
+    def _pickle_source(listing: ImageList) -> Path | None:
+        first = listing.files[0][0] if listing.files and listing.files[0] else None
+        if first is None or _PICKLE_MARK not in first.name or not first.name.partition(_PICKLE_MARK)[0].endswith(".pkl"):
+            return None
+        return first.with_name(first.name.partition(_PICKLE_MARK)[0])
+
+    def cached(self, split: str, progress=None):
+        if split not in self._cached:
+            listing = self.listing(split)
+            images_pkl = self._pickle_source(listing)
+            if images_pkl is None:
+                return super().cached(split, progress)
+            key = self.cache_key(split)
+            found = open_image_cache(key)
+            if found is None or found.sizes != listing.sizes():
+                found = self._build_from_pickle(key, listing, images_pkl, progress)
+            self._cached[split] = found
+        return self._cached[split]
+
+    def decode_png(self, blob, where: str) -> np.ndarray:
+        """One PNG (numpy uint8 array or bytes) as uint8 [3, 84, 84]."""
+        try:
+            data = blob.tobytes() if isinstance(blob, np.ndarray) else bytes(blob)
+            return decode_image(io.BytesIO(data), self.image_size, self.channels)
+        except (MetabenchError, TypeError, ValueError):
+            raise self.error(f"cannot read image {where}: not an encoded image") from None
+
+    def _build_from_pickle(self, key: str, listing: ImageList, images_pkl: Path, progress):
+        """Decode the listed images of the pickle into the same cache files ``build_image_cache`` writes."""
+        blobs = self.load_pickle(images_pkl)
+        if not isinstance(blobs, (list, tuple)):
+            raise self.error(f"{images_pkl} does not hold a list of PNG-encoded images")
+        rows = [[int(f.name.rpartition(_PICKLE_MARK)[2]) for f in files] for files in listing.files]
+        if rows and max(max(r) for r in rows) >= len(blobs):
+            raise self.error(f"{images_pkl} holds {len(blobs)} images, fewer than its labels file counts")
+        total = sum(listing.sizes())
+        npy, meta = cache_paths(key)
+        npy.parent.mkdir(parents=True, exist_ok=True)
+        partial = str(npy) + ".partial"
+        array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8,
+                                          shape=(total, self.channels, self.image_size, self.image_size))
+        try:
+            out = 0
+            for c, class_rows in enumerate(rows):
+                for row in class_rows:
+                    array[out] = self.decode_png(blobs[row], f"#{row} of {images_pkl}")
+                    out += 1
+                if progress:
+                    progress(c + 1, len(rows))
+            array.flush()
+            digest = hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
+            del array
+            os.replace(partial, npy)
+        except BaseException:
+            if os.path.exists(partial):
+                os.unlink(partial)
+            raise
+        description = {"classes": list(listing.classes), "sizes": listing.sizes(), "sha256": digest,
+                       "shape": [total, self.channels, self.image_size, self.image_size],
+                       "source": listing.fingerprint()}
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=meta.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(json.dumps(description, indent=1).encode())
+            os.replace(tmp, meta)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return open_image_cache(key)
+
+
+@hookimpl
+def metabench_register_tasks(register):
+    source = TieredImageNetSource()  # shared by both protocols, so a split is decoded and loaded once
+    for protocol in protocols():
+        register(protocol, source)
