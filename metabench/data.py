@@ -129,12 +129,16 @@ def cache_paths(key: str) -> tuple[Path, Path]:
 
 
 def build_image_cache(key: str, listing: ImageList, size: int, channels: int,
-                      progress: Callable[[int, int], None] | None = None) -> CachedImages:
-    """Decode every file of ``listing`` into ``cache_dir()/key.npy`` (+ ``.json``) and open it.
+                      progress: Callable[[int, int], None] | None = None,
+                      read: Callable[[Path], np.ndarray] | None = None) -> CachedImages:
+    """Decode every item of ``listing`` into ``cache_dir()/key.npy`` (+ ``.json``) and open it.
 
     Images land in listing order: class 0's files, then class 1's, ... ``progress(done, total)``
-    is called per class.
+    is called per class. ``read(item) -> uint8 [channels, size, size]`` decodes one item
+    (default: the image file at that path); a data set whose images live inside an archive
+    passes its own. The array is written through a memory map, so it never has to fit in RAM.
     """
+    read = read or (lambda path: decode_image(path, size, channels))
     total = sum(listing.sizes())
     npy, meta = cache_paths(key)
     npy.parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +148,7 @@ def build_image_cache(key: str, listing: ImageList, size: int, channels: int,
         row = 0
         for c, files in enumerate(listing.files):
             for f in files:
-                array[row] = decode_image(f, size, channels)
+                array[row] = read(f)
                 row += 1
             if progress:
                 progress(c + 1, len(listing.files))

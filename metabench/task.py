@@ -95,7 +95,7 @@ class EpisodeDraw:
         """Bytes that identify this draw exactly (hashed into the episode-set SHA-256)."""
         ints = self.classes + self.support + self.query
         return (
-            struct.pack(f"<3I", len(self.classes), len(self.support), len(self.query))
+            struct.pack("<3I", len(self.classes), len(self.support), len(self.query))
             + struct.pack(f"<{len(ints)}q", *ints)
             + struct.pack(f"<{len(self.extra)}d", *self.extra)
         )

@@ -49,7 +49,7 @@ PICKLES = ("train", "test", "meta")
 LAYOUT = ("cifar-100-python/ holding the pickles train, test and meta of CIFAR-100's python version "
           "(cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html, extracted)")
 
-SPLITS_DIR = Path(__file__).with_name("splits")
+from . import SPLITS_DIR
 SPLIT_FILES = {
     "cifarfs": ("cifarfs.json", "88725083c52854abb9fc9a3a7a5687e6ded4e032550bc5a67fa7c8bb48b8af85"),
     "fc100": ("fc100.json", "66380e1c4dcab024154c4ae0b1d8e39157506c8fccd8fc047aa25ba90136a060"),

@@ -13,7 +13,9 @@ from pathlib import Path
 from metabench import hookimpl
 from metabench.data import ImageList
 
-from .miniimagenet import SPLITS_DIR, SplitFolderSource, make_protocols
+from metabench.folders import SplitFolderSource, make_protocols
+
+from . import SPLITS_DIR
 
 SETTINGS = ((5, 1, 15), (5, 5, 15))
 

@@ -21,7 +21,9 @@ import torch
 from metabench import Episode, EpisodeDraw, hookimpl
 from metabench.data import ImageList
 
-from .miniimagenet import SPLITS_DIR, SplitFolderSource, image_files, make_protocols
+from metabench.folders import SplitFolderSource, image_files, make_protocols
+
+from . import SPLITS_DIR
 
 ROTATIONS = 4
 FOLDERS = ("images_background", "images_evaluation")

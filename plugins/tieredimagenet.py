@@ -17,22 +17,20 @@ class indices inside the pickles.
 """
 from __future__ import annotations
 
-import hashlib
 import io
-import json
-import os
 import pickle
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from metabench import MetabenchError, hookimpl
-from metabench.data import ImageList, cache_paths, decode_image, open_image_cache
+from metabench.data import ImageList, build_image_cache, decode_image, open_image_cache
 
-from .miniimagenet import SPLITS_DIR, SplitFolderSource, make_protocols
+from metabench.folders import SplitFolderSource, make_protocols
+
+from . import SPLITS_DIR
 
 SETTINGS = ((5, 1, 15), (5, 5, 15))
 _WNID = re.compile(r"^n\d{8}$")
@@ -181,41 +179,12 @@ class TieredImageNetSource(SplitFolderSource):
         rows = [[int(f.name.rpartition(_PICKLE_MARK)[2]) for f in files] for files in listing.files]
         if rows and max(max(r) for r in rows) >= len(blobs):
             raise self.error(f"{images_pkl} holds {len(blobs)} images, fewer than its labels file counts")
-        total = sum(listing.sizes())
-        npy, meta = cache_paths(key)
-        npy.parent.mkdir(parents=True, exist_ok=True)
-        partial = str(npy) + ".partial"
-        array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8,
-                                          shape=(total, self.channels, self.image_size, self.image_size))
-        try:
-            out = 0
-            for c, class_rows in enumerate(rows):
-                for row in class_rows:
-                    array[out] = self.decode_png(blobs[row], f"#{row} of {images_pkl}")
-                    out += 1
-                if progress:
-                    progress(c + 1, len(rows))
-            array.flush()
-            digest = hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
-            del array
-            os.replace(partial, npy)
-        except BaseException:
-            if os.path.exists(partial):
-                os.unlink(partial)
-            raise
-        description = {"classes": list(listing.classes), "sizes": listing.sizes(), "sha256": digest,
-                       "shape": [total, self.channels, self.image_size, self.image_size],
-                       "source": listing.fingerprint()}
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=meta.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(json.dumps(description, indent=1).encode())
-            os.replace(tmp, meta)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return open_image_cache(key)
+
+        def read(item: Path) -> np.ndarray:
+            row = int(item.name.rpartition(_PICKLE_MARK)[2])
+            return self.decode_png(blobs[row], f"#{row} of {images_pkl}")
+
+        return build_image_cache(key, listing, self.image_size, self.channels, progress, read=read)
 
 
 @hookimpl

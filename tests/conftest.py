@@ -1,16 +1,13 @@
 """Shared test helpers: a tiny synthetic task, a toy learner, and hosts built from given plugins."""
 from __future__ import annotations
 
-import sys
 import textwrap
-import types
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
-import metabench
 from metabench import ClassImageSource, Learner, Protocol, hookimpl
 from metabench.plugins import PluginHost, PluginSource, discover
 

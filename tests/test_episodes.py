@@ -1,7 +1,6 @@
 """Fixed evaluation episodes: same for every learner, seed, process and global RNG state."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

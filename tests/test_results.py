@@ -1,6 +1,5 @@
 """Result files: schema round-trip, atomic writes that never overwrite, clear errors on bad files."""
 import json
-import os
 
 import pytest
 
