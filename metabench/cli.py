@@ -200,18 +200,22 @@ def cmd_list(args: argparse.Namespace) -> int:
     host = _host()
     kinds = [args.kind] if args.kind else ["learners", "tasks", "backbones"]
     if "learners" in kinds:
-        table = make_table("learners", *("name", "plugin", "problems", "transductive", "backbone", "reference"))
+        table = make_table("learners", "name", "plugin", "problems", "transductive", "backbone", "reference")
         for e in host.learners:
             c = e.obj
             table.add_row(e.name, e.plugin, ", ".join(sorted(c.problem_types)), "yes" if c.transductive else "no",
                           c.default_backbone, c.reference)
         out.print(table)
     if "tasks" in kinds:
-        table = make_table("tasks", *("name", "version", "plugin", "ways", "shots", "queries", "episodes", "image", "metric"))
+        table = make_table("tasks (metric ↑ higher is better, ↓ lower)", "name", "v", "episode", "episodes", "input",
+                           "metric")
         for e in host.tasks:
             p = e.obj
-            table.add_row(p.name, str(p.version), e.plugin, str(p.ways), str(p.shots), str(p.queries),
-                          str(p.episodes), f"{p.channels}x{p.image_size}px", p.metric)
+            shape = (f"{p.ways}w {p.shots}s {p.queries}q" if p.problem == "classification"
+                     else f"{p.shots} shots, {p.queries} queries")
+            size = f"{p.channels}x{p.image_size}px" if p.problem == "classification" else "-"
+            metric = p.metric + (" ↑" if p.higher_is_better else " ↓")
+            table.add_row(p.name, str(p.version), shape, str(p.episodes), size, metric)
         out.print(table)
     if "backbones" in kinds:
         table = make_table("backbones", "name", "plugin", "description")
