@@ -227,10 +227,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_plugins(args: argparse.Namespace) -> int:
     host = _host()
-    table = make_table("plugins", *("name", "distribution", "version", "hooks", "status"))
+    table = make_table("plugins (hooks: metabench_register_<name>)", "name", "distribution", "version", "hooks",
+                       "status")
     for info in host.plugins.values():
-        table.add_row(info.name, info.distribution, info.version, "\n".join(info.hooks) or "-",
-                      "; ".join(info.errors) or "ok")
+        hooks = ", ".join(h.removeprefix("metabench_register_") for h in info.hooks)
+        table.add_row(info.name, info.distribution, info.version, hooks or "-", "; ".join(info.errors) or "ok")
     out.print(table)
     return 0
 
