@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
+from .cli_leaderboard import add_parsers as add_leaderboard_parsers, cmd_leaderboard, cmd_publish
 from .config import RUN_KEYS, parse_set, read_toml
 from .errors import MetabenchError, PluginError
 from .learner import BUDGETS
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_ = sub.add_parser("compare", help="paired t-test and Wilcoxon test of two results on the same episodes")
     cmp_.add_argument("a", metavar="A.json")
     cmp_.add_argument("b", metavar="B.json")
+    add_leaderboard_parsers(sub)
     return parser
 
 
@@ -310,7 +312,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"data": cmd_data, "run": cmd_run, "list": cmd_list, "plugins": cmd_plugins, "episodes": cmd_episodes, "compare": cmd_compare}
+COMMANDS = {"leaderboard": cmd_leaderboard, "publish": cmd_publish, "data": cmd_data, "run": cmd_run, "list": cmd_list, "plugins": cmd_plugins, "episodes": cmd_episodes, "compare": cmd_compare}
 
 if __name__ == "__main__":
     sys.exit(main())

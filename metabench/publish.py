@@ -1,0 +1,136 @@
+"""Publishing a result: validate it against the installed task, then copy it into the leaderboard.
+
+A result is accepted when it is a valid result file (schema), its task is installed with the same
+version and episode shape, its ``episodes_sha256`` is the hash of the first ``task.episodes``
+evaluation episodes of the installed task, its summary mean matches its per-episode values, and the
+leaderboard holds no result yet for the same task, learner, backbone, budget, seed and episode set.
+All files are validated before any is copied: one refusal copies nothing.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .episodes import episodes_sha256, eval_draws
+from .errors import MetabenchError
+from .leaderboard import settings_sha
+from .results import load_result, result_filename
+
+DEFAULT_DEST = Path("leaderboards/results")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_+.-]*$")
+
+
+@dataclass(frozen=True)
+class Accepted:
+    source: Path
+    doc: dict
+    target: Path
+
+
+def run_key(doc: dict) -> tuple:
+    """What makes two results the same run for the leaderboard (one row, one seed)."""
+    return (doc["task"]["name"], doc["learner"]["name"], doc["backbone"]["name"], settings_sha(doc), doc["budget"],
+            doc["seed"], doc["task"]["episodes_sha256"])
+
+
+def validate(path: Path, host, hash_cache: dict | None = None, roots=None) -> dict:
+    """The result document at ``path`` if it may be published; otherwise MetabenchError with the reason.
+
+    ``roots`` (a DataRoots) tells task sources that need their data to draw episodes where it is.
+    """
+    doc = load_result(path)
+    task = doc["task"]
+    for what, name in (("learner", doc["learner"]["name"]), ("backbone", doc["backbone"]["name"]), ("budget", doc["budget"])):
+        if not _NAME.match(name):
+            raise MetabenchError(f"{path}: refused: {what} name {name!r} is not a plain lowercase name")
+    try:
+        protocol, source, _ = host.task(task["name"])
+    except MetabenchError as exc:
+        raise MetabenchError(f"{path}: refused: {exc}") from None
+    if task["version"] != protocol.version:
+        age = "an older" if task["version"] < protocol.version else "a newer"
+        raise MetabenchError(f"{path}: refused: made with {age} version of task {protocol.name} (v{task['version']}; "
+                             f"installed: v{protocol.version}); rerun it with the installed task")
+    shape = ("ways", "shots", "queries", "metric", "higher_is_better")
+    differ = [f"{k} {task[k]!r} (installed: {getattr(protocol, k)!r})" for k in shape if task[k] != getattr(protocol, k)]
+    if differ:
+        raise MetabenchError(f"{path}: refused: task {protocol.name} v{protocol.version} differs: {', '.join(differ)}")
+    n = task["episodes"]
+    key = (protocol.name, protocol.version, n)
+    cache = {} if hash_cache is None else hash_cache
+    if key not in cache:
+        if roots is not None:
+            source.set_roots(roots)
+        cache[key] = episodes_sha256(eval_draws(protocol, source, protocol.eval_split, n))
+    if task["episodes_sha256"] != cache[key]:
+        raise MetabenchError(f"{path}: refused: episodes_sha256 {task['episodes_sha256'][:12]}… is not the hash of the "
+                             f"first {n} {protocol.eval_split} episodes of {protocol.name} v{protocol.version} "
+                             f"({cache[key][:12]}…): a different episode set")
+    mean = math.fsum(doc["per_episode"]) / len(doc["per_episode"])
+    if not math.isclose(mean, doc["summary"]["mean"], rel_tol=1e-9, abs_tol=1e-12):
+        raise MetabenchError(f"{path}: refused: summary.mean {doc['summary']['mean']!r} is not the mean of per_episode "
+                             f"({mean!r})")
+    return doc
+
+
+def plan(paths: list[Path], host, dest: Path = DEFAULT_DEST, roots=None) -> list[Accepted]:
+    """Validate every file and decide where each goes; raises on the first refusal (nothing copied)."""
+    accepted: list[Accepted] = []
+    cache: dict = {}
+    for path in paths:
+        doc = validate(path, host, cache, roots)
+        folder = dest / doc["task"]["name"] / doc["learner"]["name"]
+        for other in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                existing = load_result(other)
+            except MetabenchError:
+                continue
+            if run_key(doc) == run_key(existing):
+                raise MetabenchError(f"{path}: refused: {other} already holds seed {doc['seed']} of this learner, "
+                                     f"backbone, settings and budget on these episodes; remove it first to replace it")
+        for prior in accepted:
+            if run_key(doc) == run_key(prior.doc):
+                raise MetabenchError(f"{path}: refused: the same run as {prior.source} (seed {doc['seed']})")
+        accepted.append(Accepted(path, doc, folder / result_filename(doc)))
+    return accepted
+
+
+def copy_new(source: Path, target: Path) -> Path:
+    """Copy ``source``'s bytes to ``target`` atomically, never overwriting (a taken name gets a suffix)."""
+    data = source.read_bytes()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        n, final = 1, target
+        while True:
+            try:
+                os.link(tmp, final)
+                return final
+            except FileExistsError:
+                pass
+            except OSError:  # a file system without hard links: rename, after checking the name is free
+                if not final.exists():
+                    os.replace(tmp, final)
+                    return final
+            n += 1
+            final = target.with_name(f"{target.stem}-{n}.json")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def publish(paths: list[Path], host, dest: Path = DEFAULT_DEST, roots=None) -> list[Path]:
+    """Validate all of ``paths``, then copy each into ``dest/<task>/<learner>/``; returns the new paths."""
+    accepted = plan(paths, host, dest, roots)
+    try:
+        return [copy_new(a.source, a.target) for a in accepted]
+    except OSError as exc:
+        raise MetabenchError(f"cannot copy into {dest}: {exc.strerror or exc}") from None

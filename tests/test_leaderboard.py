@@ -1,0 +1,374 @@
+"""Leaderboards and publishing: deterministic builds, check, statistics, layout, and publish's refusals.
+
+Result documents are made synthetically (valid per ``schema_problems``), never by training.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+from scipy import stats as st
+
+import metabench.plugins
+from metabench import MetabenchError, hookimpl
+from metabench.episodes import episodes_sha256, eval_draws
+from metabench.leaderboard import build, check, generate, holm
+from metabench.results import result_filename, schema_problems, write_result
+from metabench.stats import summarize
+
+from conftest import TINY, TinySource, ToyLearner, host_with
+
+SHA_A, SHA_B = "a" * 64, "b" * 64
+
+
+def make_doc(values, *, task="kanji-5w1s", learner="protonet", backbone="conv4", budget="quick", seed=0,
+             version=1, sha=SHA_A, metric="accuracy", higher=True, config=None, transductive=False) -> dict:
+    doc = {
+        "schema_version": 1, "metabench_version": "0.1.0",
+        "task": {"name": task, "version": version, "ways": 5, "shots": 1, "queries": 15, "episodes": len(values),
+                 "episodes_sha256": sha, "metric": metric, "higher_is_better": higher},
+        "learner": {"name": learner, "plugin": learner, "version": "0.1.0", "config": config or {"lr": 0.1},
+                    "transductive": transductive},
+        "backbone": {"name": backbone, "options": {"width": 64}},
+        "seed": seed, "budget": budget, "per_episode": [float(v) for v in values],
+        "summary": summarize(values).to_dict(), "timing": {"meta_train_s": 12.0, "eval_s": 3.0},
+        "environment": {"python": "3.11.7", "torch": "2.4.0", "device": "cpu", "git_commit": None},
+    }
+    assert schema_problems(doc) == []
+    return doc
+
+
+def spread(mean, n=20, width=0.1):
+    """n values with the given mean, spread deterministically."""
+    return [mean + width * ((i * 7) % n - (n - 1) / 2) / n for i in range(n)]
+
+
+def board(out: Path, task: str) -> dict:
+    return json.loads((out / f"{task}.json").read_text())
+
+
+def rows(out: Path, task: str, section: int = 0) -> list[dict]:
+    return board(out, task)["sections"][section]["rows"]
+
+
+@pytest.fixture
+def lb(tmp_path):
+    """A leaderboard folder with results/ inside: returns (out, results)."""
+    out = tmp_path / "leaderboards"
+    (out / "results").mkdir(parents=True)
+    return out, out / "results"
+
+
+def standard(results: Path) -> None:
+    for seed in (0, 1, 2):
+        write_result(make_doc(spread(0.80 + 0.01 * seed), seed=seed), results / "kanji-5w1s" / "protonet")
+    write_result(make_doc(spread(0.60), learner="maml", transductive=True), results / "kanji-5w1s" / "maml")
+    write_result(make_doc(spread(0.9), task="kanji-5w5s"), results / "kanji-5w5s" / "protonet")
+
+
+# -- build and check --------------------------------------------------------------------------
+def test_build_is_byte_identical_twice(lb):
+    out, results = lb
+    standard(results)
+    build([results], out, out / "published.toml")
+    first = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert {"README.md", "kanji-5w1s.md", "kanji-5w1s.csv", "kanji-5w1s.json", "kanji-5w1s.svg",
+            "kanji-5w1s.png"} <= set(first)
+    for p in out.iterdir():
+        if p.is_file():
+            p.unlink()
+    build([results], out, out / "published.toml")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == first
+    assert generate([results], out) == first  # and in memory, without writing
+
+
+def test_check_passes_then_fails_naming_the_file(lb):
+    out, results = lb
+    standard(results)
+    build([results], out)
+    assert check([results], out) == []
+    table = out / "kanji-5w1s.md"
+    table.write_text(table.read_text().replace("protonet", "pr0tonet", 1))
+    assert check([results], out) == [f"{table}: differs from what the results regenerate"]
+    build([results], out)
+    assert check([results], out) == []
+    write_result(make_doc(spread(0.7), learner="matchingnet"), results / "kanji-5w1s" / "matchingnet")
+    problems = check([results], out)
+    assert f"{out / 'kanji-5w1s.md'}: differs from what the results regenerate" in problems
+    assert f"{out / 'README.md'}: differs from what the results regenerate" in problems
+    write_result(make_doc(spread(0.7), task="kanji-20w1s"), results / "kanji-20w1s" / "protonet")
+    assert f"{out / 'kanji-20w1s.md'}: missing" in check([results], out)
+
+
+def test_check_cli_exits_1_and_build_removes_stale_tables(lb, capsys):
+    out, results = lb
+    standard(results)
+    args = ["--results", str(results), "--out", str(out)]
+    assert lb_cli(capsys, "leaderboard", "build", *args)[0] == 0
+    assert lb_cli(capsys, "leaderboard", "check", *args)[0] == 0
+    for p in (results / "kanji-5w5s").rglob("*.json"):
+        p.unlink()
+    code, _, err = lb_cli(capsys, "leaderboard", "check", *args)
+    assert code == 1 and f"{out / 'kanji-5w5s.md'}: no result backs it" in err
+    code, stdout, _ = lb_cli(capsys, "leaderboard", "build", *args)
+    assert code == 0 and "removed" in stdout and not (out / "kanji-5w5s.md").exists()
+    assert lb_cli(capsys, "leaderboard", "check", *args)[0] == 0
+
+
+def test_invalid_result_file_is_named(lb, capsys):
+    out, results = lb
+    (results / "broken.json").write_text("{}")
+    code, _, err = lb_cli(capsys, "leaderboard", "build", "--results", str(results), "--out", str(out))
+    assert code == 2 and "broken.json" in err and "not a valid metabench result" in err
+
+
+# -- statistics and layout --------------------------------------------------------------------
+def test_holm_function_against_hand_values():
+    # sorted p: 0.01 (x3 = 0.03), 0.03 (x2 = 0.06), 0.04 (x1 = 0.04, raised to the running max 0.06)
+    assert holm([0.04, 0.01, 0.03]) == pytest.approx([0.06, 0.03, 0.06])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert holm([]) == []
+
+
+def test_paired_tests_are_holm_corrected_and_ties_marked(lb):
+    out, results = lb
+    n = 20
+    best = spread(0.8, n)
+    noise = [((i * 5) % 7 - 3) / 30 for i in range(n)]  # a fixed zero-ish-mean pattern
+    mean_noise = math.fsum(noise) / n
+    noise = [e - mean_noise for e in noise]
+    sd = math.sqrt(math.fsum(e * e for e in noise) / (n - 1))
+    targets = {"far": 1e-6, "near": 0.03, "nearer": 0.04}  # raw p-values before correction
+
+    def shifted(p):  # best minus a constant chosen so the paired t-test gives p, plus the noise
+        delta = st.t.ppf(1 - p / 2, n - 1) * sd / math.sqrt(n)
+        return [b - delta + e for b, e in zip(best, noise)]
+
+    write_result(make_doc(best, learner="best"), results)
+    values = {name: shifted(p) for name, p in targets.items()}
+    for name, v in values.items():
+        write_result(make_doc(v, learner=name), results)
+    build([results], out)
+    got = {r["learner"]: r for r in rows(out, "kanji-5w1s")}
+    raw = {name: float(st.ttest_rel(v, best).pvalue) for name, v in values.items()}
+    assert raw["near"] < 0.05 and raw["nearer"] < 0.05  # each alone would be "worse"
+    order = sorted(raw, key=raw.get)  # Holm by hand: k-th smallest times (m - k + 1), running maximum
+    hand, running = {}, 0.0
+    for k, name in enumerate(order):
+        running = max(running, min(1.0, (len(order) - k) * raw[name]))
+        hand[name] = running
+    for name in targets:
+        assert got[name]["vs_best"]["p_value"] == pytest.approx(raw[name], rel=1e-5)
+        assert got[name]["vs_best"]["p_holm"] == pytest.approx(hand[name], rel=1e-5)
+    assert got["best"]["vs_best"]["status"] == "best" and got["best"]["rank"] == 1
+    assert got["far"]["vs_best"]["status"] == "worse"
+    assert got["near"]["vs_best"]["status"] == got["nearer"]["vs_best"]["status"] == "tied"
+    md = (out / "kanji-5w1s.md").read_text()
+    assert md.count("| tied (Holm p = ") == 2 and md.count("| worse (Holm p = ") == 1
+
+
+def test_multi_seed_row_and_unpaired_episode_set(lb):
+    out, results = lb
+    for seed, m in ((0, 0.70), (1, 0.74)):
+        write_result(make_doc(spread(m), seed=seed), results)
+    write_result(make_doc(spread(0.95, 10), learner="maml", sha=SHA_B), results)
+    build([results], out)
+    first, other = rows(out, "kanji-5w1s")
+    assert first["learner"] == "protonet" and first["seeds"] == [0, 1] and first["rank"] == 1
+    assert first["mean"] == pytest.approx(0.72) and first["seed_std"] == pytest.approx(0.04 / math.sqrt(2), rel=1e-5)
+    assert first["ci95"] == pytest.approx(summarize(spread(0.72)).ci95, rel=1e-5)
+    assert other["rank"] is None and other["vs_best"]["status"] == "unpaired"
+    md = (out / "kanji-5w1s.md").read_text()
+    assert "cannot be paired: 10 episodes, not the best row's 20" in md
+    assert "0, 1 (std 2.83%)" in md and "72.00 ± " in md
+    assert "[seed 0](results/kanji-5w1s__protonet__conv4__quick__seed0.json)" in md  # relative links
+
+
+def test_regression_sorted_ascending(lb):
+    out, results = lb
+    for learner, m in (("a", 0.5), ("b", 0.2), ("c", 0.9)):
+        write_result(make_doc(spread(m), task="sinusoid-5s", learner=learner, metric="mse", higher=False), results)
+    build([results], out)
+    got = rows(out, "sinusoid-5s")
+    assert [r["learner"] for r in got] == ["b", "a", "c"] and [r["rank"] for r in got] == [1, 2, 3]
+    assert "mse (lower is better)" in (out / "sinusoid-5s.md").read_text()
+
+
+def test_budgets_are_separate_rankings(lb):
+    out, results = lb
+    write_result(make_doc(spread(0.9), budget="paper"), results)
+    write_result(make_doc(spread(0.5), learner="maml", budget="smoke"), results)
+    write_result(make_doc(spread(0.6), budget="smoke"), results)
+    build([results], out)
+    sections = board(out, "kanji-5w1s")["sections"]
+    assert [s["budget"] for s in sections] == ["paper", "smoke"]
+    assert [[(r["learner"], r["rank"]) for r in s["rows"]] for s in sections] == \
+        [[("protonet", 1)], [("protonet", 1), ("maml", 2)]]
+    md = (out / "kanji-5w1s.md").read_text()
+    assert md.index("## Budget `paper`") < md.index("## Budget `smoke`")
+
+
+def test_summary_blank_cells_and_published_only_on_matching_protocol(lb):
+    out, results = lb
+    write_result(make_doc(spread(0.8), learner="maml"), results)
+    write_result(make_doc(spread(0.9), task="omniglot-5w1s", learner="maml"), results)
+    write_result(make_doc(spread(0.85), task="omniglot-5w1s"), results)
+    (out / "published.toml").write_text(
+        '[[result]]\nlearner = "maml"\ntask = "omniglot-5w1s"\nvalue = 98.7\nci95 = 0.4\n'
+        'source = "Finn et al. 2017, Table 1"\n'
+        '[[result]]\nlearner = "maml"\ntask = "omniglot-5w5s"\nvalue = 99.9\nsource = "Finn et al. 2017, Table 1"\n')
+    build([results], out, out / "published.toml")
+    lines = (out / "README.md").read_text().splitlines()
+    header = next(x for x in lines if x.startswith("| learner"))
+    assert header.index("kanji-5w1s") < header.index("omniglot-5w1s")
+    maml = next(x for x in lines if x.startswith("| maml |"))
+    protonet = next(x for x in lines if x.startswith("| protonet |"))
+    assert maml.split(" | ")[2] == "**80.00 ± 1.38%**"  # kanji: ours only (best: bold), no published number
+    assert "(paper 98.7 ± 0.4% [1])" in maml.split(" | ")[3]
+    assert protonet.split("|")[3].strip() == ""  # protonet has no kanji result: blank, not averaged
+    assert "1. Finn et al. 2017, Table 1" in lines
+    assert "98.7 ± 0.4% — Finn et al. 2017, Table 1" in (out / "omniglot-5w1s.md").read_text()
+    assert "Finn" not in (out / "kanji-5w1s.md").read_text()
+
+
+def test_duplicate_seed_is_refused(lb):
+    out, results = lb
+    write_result(make_doc(spread(0.8)), results / "x")
+    write_result(make_doc(spread(0.7)), results / "y")
+    with pytest.raises(MetabenchError, match="for seed 0 on the same episodes: .*x/.* and .*y/"):
+        build([results], out)
+
+
+def test_repository_published_numbers_load():
+    from metabench.leaderboard import load_published
+
+    entries = load_published(Path(__file__).resolve().parents[1] / "leaderboards" / "published.toml")
+    assert entries and all(not p.task.startswith("kanji") for p in entries)
+
+
+# -- publish ----------------------------------------------------------------------------------
+def tiny_doc(n=5, **changes) -> dict:
+    draws = eval_draws(TINY, TinySource(), TINY.eval_split, n)
+    doc = make_doc(spread(0.6, n), task=TINY.name, learner="toy", backbone="pixels", sha=episodes_sha256(draws))
+    doc["task"].update(ways=TINY.ways, shots=TINY.shots, queries=TINY.queries)
+    for path, value in changes.items():
+        *keys, last = path.split(".")
+        target = doc
+        for k in keys:
+            target = target[k]
+        target[last] = value
+    return doc
+
+
+def tiny_plugin_v(version: int):
+    protocol, source = dataclasses.replace(TINY, version=version), TinySource()
+
+    class Plugin:
+        @hookimpl
+        def metabench_register_tasks(self, register):
+            register(protocol, source)
+
+        @hookimpl
+        def metabench_register_learners(self, register):
+            register("toy", ToyLearner)
+
+    return Plugin()
+
+
+@pytest.fixture
+def tiny_only(monkeypatch):
+    host = host_with(("tiny", tiny_plugin_v(1)), builtins=False)
+    monkeypatch.setattr(metabench.plugins, "_HOST", host)
+    return host
+
+
+def save(doc: dict, folder: Path, name: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(json.dumps(doc, indent=1))
+    return path
+
+
+def test_publish_copies_a_valid_result(tiny_only, tmp_path, capsys):
+    src = save(tiny_doc(), tmp_path / "runs", "r.json")
+    dest = tmp_path / "lb" / "results"
+    code, stdout, err = lb_cli(capsys, "publish", str(src), "--to", str(dest))
+    assert code == 0, err
+    (copied,) = (dest / "tiny-3w2s" / "toy").glob("*.json")
+    assert copied.read_bytes() == src.read_bytes() and copied.name == result_filename(tiny_doc())
+    code, _, err = lb_cli(capsys, "publish", str(src), "--to", str(dest))  # the same run again
+    assert code == 2 and "already holds seed 0" in one_error_line(err)
+    assert len(list(dest.rglob("*.json"))) == 1
+    build([dest], tmp_path / "lb")
+    assert check([dest], tmp_path / "lb") == []
+
+
+@pytest.mark.parametrize("changes,fragment", [
+    ({"task.episodes_sha256": "0" * 64}, "a different episode set"),
+    ({"task.version": 0}, "an older version of task tiny-3w2s (v0; installed: v1)"),
+    ({"task.shots": 5}, "shots 5 (installed: 2)"),
+    ({"task.name": "tiny-9w9s"}, "unknown task"),
+    ({"summary.mean": 0.99}, "is not the mean of per_episode"),
+    ({"learner.name": "../escape"}, "not a plain lowercase name"),
+])
+def test_publish_refuses_with_the_reason_and_copies_nothing(tiny_only, tmp_path, capsys, changes, fragment):
+    good = save(tiny_doc(), tmp_path / "runs", "good.json")
+    bad = save(tiny_doc(**changes), tmp_path / "runs", "bad.json")
+    dest = tmp_path / "results"
+    code, _, err = lb_cli(capsys, "publish", str(good), str(bad), "--to", str(dest))
+    line = one_error_line(err)
+    assert code == 2 and "bad.json: refused:" in line and fragment in line, line
+    assert not dest.exists()
+
+
+def test_publish_refuses_a_result_of_an_older_task_version(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(metabench.plugins, "_HOST", host_with(("tiny", tiny_plugin_v(2)), builtins=False))
+    src = save(tiny_doc(), tmp_path, "old.json")  # made with v1
+    code, _, err = lb_cli(capsys, "publish", str(src), "--to", str(tmp_path / "results"))
+    assert code == 2 and "older version of task tiny-3w2s (v1; installed: v2)" in one_error_line(err)
+    assert not (tmp_path / "results").exists()
+
+
+def test_publish_kanji_subset_hash_without_image_data(tmp_path):
+    from metabench.plugins import get_host
+    from metabench.publish import publish
+
+    host = get_host()
+    protocol, source, _ = host.task("kanji-5w1s")
+    doc = make_doc(spread(0.5, 8), sha=episodes_sha256(eval_draws(protocol, source, protocol.eval_split, 8)))
+    (copied,) = publish([save(doc, tmp_path, "k.json")], host, tmp_path / "results")
+    assert copied.parent == tmp_path / "results" / "kanji-5w1s" / "protonet"
+    doc["task"]["episodes_sha256"] = episodes_sha256(eval_draws(protocol, source, protocol.eval_split, 7))
+    with pytest.raises(MetabenchError, match="a different episode set"):
+        publish([save(doc, tmp_path, "k7.json")], host, tmp_path / "results")
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def lb_cli(capsys, *argv):
+    """Run a leaderboard/publish command through ``metabench.cli.main`` once it is wired in, else alone."""
+    from metabench import cli
+    from metabench.cli_leaderboard import add_parsers, cmd_leaderboard, cmd_publish
+
+    if "leaderboard" in cli.COMMANDS:
+        code = cli.main(list(argv))
+    else:
+        parser = argparse.ArgumentParser(prog="metabench")
+        add_parsers(parser.add_subparsers(dest="command", required=True))
+        args = parser.parse_args(list(argv))
+        try:
+            code = {"leaderboard": cmd_leaderboard, "publish": cmd_publish}[args.command](args)
+        except MetabenchError as exc:
+            print(f"metabench: error: {exc}", file=__import__("sys").stderr)
+            code = 2
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_error_line(err: str) -> str:
+    lines = [x for x in err.splitlines() if x.startswith("metabench: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
