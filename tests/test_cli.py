@@ -202,3 +202,17 @@ def test_console_script_bad_input_has_no_traceback():
     proc = subprocess.run([exe, "run", "--learner", "nosuch", "--budget", "smoke"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.startswith("metabench: error: unknown learner 'nosuch'") and "Traceback" not in proc.stderr
+
+
+def test_data_commands(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(metabench.plugins, "_HOST", None)  # the installed plugins
+    monkeypatch.delenv("METABENCH_DATA", raising=False)
+    code, _, err = cli(capsys, "data", "info", "miniimagenet-5w1s")
+    assert code == 2 and "no data folder given; pass --data-root DIR" in one_error_line(err)
+    code, _, err = cli(capsys, "data", "prepare", "omniglot-5w1s", "--data-root", str(tmp_path))
+    assert code == 2 and f"not found under {tmp_path}" in one_error_line(err) and "images_background" in err
+    code, _, err = cli(capsys, "run", "--learner", "protonet", "--task", "cub-5w1s", "--budget", "smoke",
+                       "--data-root", f"cub={tmp_path / 'nope'}", "--out", str(tmp_path / "out"))
+    assert code == 2 and "does not exist" in one_error_line(err) and not (tmp_path / "out").exists()
+    code, out, err = cli(capsys, "data", "info", "kanji-5w1s")
+    assert code == 0 and "1500" in out and "600" in out
