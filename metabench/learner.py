@@ -67,6 +67,10 @@ class Learner(abc.ABC):
     budgets: ClassVar[dict[str, dict[str, Any]]] = {}
     #: The paper, for ``metabench list``.
     reference: ClassVar[str] = ""
+    #: TOML file of the paper's hyper-parameters per protocol, applied by ``--budget paper``:
+    #: a table per protocol name (``["omniglot-5w1s"]``) of Config overrides, and optionally a
+    #: ``backbone`` table inside it. Protocols without a table run the ``paper`` budget alone.
+    paper_config: ClassVar[Any] = None
 
     def __init__(self, config: Any, backbone: Backbone, protocol: Protocol, device: torch.device):
         self.config = config

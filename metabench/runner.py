@@ -7,6 +7,7 @@ import inspect
 import platform
 import subprocess
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol as _Interface
@@ -120,6 +121,18 @@ def prepare_split(source, split: str, plugin: str, progress: Progress) -> None:
         raise PluginFailed(f"task plugin {plugin!r} could not load split {split!r}: {type(exc).__name__}: {exc}") from exc
 
 
+def paper_settings(cls: type[Learner], task: str, learner: str) -> dict[str, Any]:
+    """The learner's published hyper-parameters for ``task`` from its ``paper_config`` TOML ({} if none)."""
+    if cls.paper_config is None:
+        return {}
+    try:
+        doc = tomllib.loads(Path(str(cls.paper_config)).read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise PluginError(f"learner {learner!r}: cannot read its paper config {cls.paper_config}: {exc}") from None
+    section = doc.get(task, {})
+    return dict(section) if isinstance(section, dict) else {}
+
+
 def prepare(request: RunRequest, host: PluginHost):
     """Validate the request against the registries; return what :func:`execute` needs."""
     entry = host.learners.get(request.learner)
@@ -132,13 +145,18 @@ def prepare(request: RunRequest, host: PluginHost):
         raise MetabenchError(f"--budget {request.budget!r}: accepted: {', '.join(BUDGETS)}")
     if request.episodes is not None and request.episodes < 1:
         raise MetabenchError(f"--episodes {request.episodes}: must be a positive integer")
-    backbone_name = request.backbone or cls.default_backbone
+    backbone_name = request.backbone or protocol.default_backbone or cls.default_backbone
     backbone_entry = host.backbones.get(backbone_name)
     defaults = {k: p.default for k, p in inspect.signature(backbone_entry.obj).parameters.items()
                 if p.default is not inspect.Parameter.empty}
-    backbone_options = coerce_backbone_options(request.backbone_options, defaults)
+    paper = paper_settings(cls, protocol.name, request.learner) if request.budget == "paper" else {}
+    paper_backbone = paper.pop("backbone", {}) if not request.backbone else {}
+    backbone_options = coerce_backbone_options({**paper_backbone, **request.backbone_options}, defaults)
     recorded_options = {k: v for k, v in defaults.items() if k != "variant"} | backbone_options
-    layers = [(f"budget {request.budget!r}", cls.budgets[request.budget])] + list(request.learner_layers)
+    layers = [(f"budget {request.budget!r}", cls.budgets[request.budget])]
+    if paper:
+        layers.append((f"paper config of {request.learner!r} for {protocol.name}", paper))
+    layers += list(request.learner_layers)
     config = build_config(cls.Config, layers, request.learner)
     device = resolve_device(request.device)
     return entry, protocol, source, backbone_name, backbone_options, recorded_options, config, device

@@ -43,6 +43,9 @@ class Protocol:
     metric: str = "accuracy"
     higher_is_better: bool = True
     description: str = ""
+    #: Backbone for runs that name none, before the learner's own default (e.g. "mlp" for
+    #: regression on vectors, where an image backbone makes no sense).
+    default_backbone: str | None = None
 
     def __post_init__(self) -> None:
         problems = []

@@ -84,6 +84,7 @@ def protocols() -> list[Protocol]:
         name=f"sinusoid-{k}s", version=VERSION, dataset="sinusoid", ways=1, shots=k, queries=QUERIES,
         episodes=EPISODES, image_size=1, channels=1, problem="regression", metric="mse", higher_is_better=False,
         description=f"{k}-shot sine regression (Finn et al. 2017), MSE on {QUERIES} query points",
+        default_backbone="mlp",
     ) for k in SHOTS]
 
 

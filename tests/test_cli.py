@@ -216,3 +216,21 @@ def test_data_commands(capsys, tmp_path, monkeypatch):
     assert code == 2 and "does not exist" in one_error_line(err) and not (tmp_path / "out").exists()
     code, out, err = cli(capsys, "data", "info", "kanji-5w1s")
     assert code == 0 and "1500" in out and "600" in out
+
+
+def test_paper_budget_applies_the_learners_paper_config(capsys, tmp_path, host, monkeypatch):
+    from conftest import ToyLearner
+
+    config = tmp_path / "toy.toml"
+    config.write_text('["tiny-3w2s"]\nsteps = 5\n[ "tiny-3w2s".backbone ]\nwidth = 8\n["other-5w1s"]\nsteps = 99\n')
+    monkeypatch.setattr(ToyLearner, "paper_config", config)
+    code, _, err = cli(capsys, "run", "--learner", "toy", "--task", "tiny-3w2s", "--budget", "paper",
+                       "--episodes", "3", "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    (path,) = (tmp_path / "out").glob("*.json")
+    doc = json.loads(path.read_text())
+    assert doc["learner"]["config"]["steps"] == 5 and doc["backbone"]["options"] == {"width": 8}
+    code, _, err = cli(capsys, "run", "--learner", "toy", "--task", "tiny-3w2s", "--budget", "paper",
+                       "--set", "steps=6", "--episodes", "3", "--out", str(tmp_path / "out2"))
+    (path,) = (tmp_path / "out2").glob("*.json")
+    assert json.loads(path.read_text())["learner"]["config"]["steps"] == 6  # --set wins over the paper config
