@@ -50,7 +50,7 @@ from metabench.rng import SplitMix64  # the same generator the episodes use
 IMAGE_SIZE = 28
 INSTANCES_PER_CLASS = 20
 MAX_STROKES = 10
-DATA_VERSION = 1  # bump whenever rendering (and so RENDER_SHA256) changes
+DATA_VERSION = 2  # bump whenever rendering (and so RENDER_SHA256) changes (v1: milder jitter, saturated)
 SPLITS = ("train", "val", "test")
 SPLIT_COUNTS = {"train": 1500, "val": 240, "test": 600}
 
@@ -61,18 +61,18 @@ RENDER_SEED = 0x4D42_4B41_4E4A_4931  # "MBKANJI1"
 
 SPLITS_FILE = Path(__file__).with_name("kanji_splits.json")
 SPLITS_SHA256 = "47572a306131e6a326bcd2c707d1db524502390a02304724cd8c520093719120"
-RENDER_SHA256 = "66d0fe4d27c7a695ac4040385f51262ed5f6b1702a54fe4be2a7d64a0da51df4"
+RENDER_SHA256 = "918a6302db817c95da9f3dd7b92996f1520045b4835b4522d3daf36c23d037cf"
 
 # Rendering parameters (any change here changes the bytes: bump DATA_VERSION).
 GLYPH_UNITS = 109.0  # KanjiVG viewBox is 0..109 in both axes
 MARGIN_PX = 1.0  # canvas margin around the 109-unit box, in pixels
 SEGMENTS_PER_CUBIC = 6
-AFFINE_DIAG = 0.10  # |a|, |d| <= this
-AFFINE_SHEAR = 0.08  # |b|, |c| <= this
-SHIFT_UNITS = 5.0  # whole-glyph translation per axis, in 109-units
-STROKE_SHIFT_UNITS = 2.5  # per-stroke offset per axis, in 109-units
-STROKE_STRETCH = 0.12  # per-stroke scale about the stroke's box centre, per axis: 1 +- this
-HALFWIDTH_PX = (0.55, 0.95)  # pen half width range, in pixels
+AFFINE_DIAG = 0.20  # |a|, |d| <= this
+AFFINE_SHEAR = 0.18  # |b|, |c| <= this
+SHIFT_UNITS = 9.0  # whole-glyph translation per axis, in 109-units
+STROKE_SHIFT_UNITS = 6.0  # per-stroke offset per axis, in 109-units
+STROKE_STRETCH = 0.25  # per-stroke scale about the stroke's box centre, per axis: 1 +- this
+HALFWIDTH_PX = (0.50, 1.25)  # pen half width range, in pixels
 
 _INSTALL_HINT = f"pip install kanjivg=={KANJIVG_VERSION}"
 
