@@ -73,6 +73,17 @@ def resolve_device(name: str) -> torch.device:
     raise MetabenchError(f"--device {name!r}: accepted: cpu, cuda, cuda:N")
 
 
+def cpu_name() -> str:
+    """The CPU model (from /proc/cpuinfo where there is one), else the machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def git_commit() -> str | None:
     """The commit of the metabench source tree, with '-dirty' if it has changes; None outside git."""
     here = Path(__file__).resolve().parent
@@ -241,7 +252,7 @@ def execute(request: RunRequest, host: PluginHost, progress: Progress | None = N
         "timing": {"meta_train_s": round(meta_train_s, 3), "eval_s": round(eval_s, 3)},
         "environment": {
             "python": platform.python_version(), "torch": torch.__version__, "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
             "threads": torch.get_num_threads(), "platform": platform.platform(), "git_commit": git_commit(),
         },
     }
