@@ -8,17 +8,32 @@ loss at theta'_i over ``meta_batch`` tasks, minimised over theta with Adam. Seco
 default (the meta-gradient differentiates through the inner gradients); ``first_order=True``
 gives FOMAML, whose meta-gradient is the query-loss gradient at theta'_i.
 
+Classification and regression: the loss is cross-entropy on classification tasks and the mean
+squared error on regression tasks (sinusoid: the head has ``protocol.ways`` = 1 output). The
+settings that differ between the two (``meta_steps``, ``meta_batch``, ``inner_lr``,
+``eval_inner_steps``, ``train_queries``) default to 0, meaning "the default for the task's
+problem type" (:attr:`MAML.problem_defaults`); the learner resolves them when it is built, in
+the config object it is given, so a result records the values that were used. The ``quick``
+budget leaves them at 0; ``--budget paper`` takes them per protocol from ``configs/maml.toml``.
+
 BatchNorm, as in the published MAML code, always normalises with the statistics of the batch it
 is given (no running statistics). The queries of an episode are forwarded as one batch, so a
 query's prediction depends on the other queries: MAML is transductive (``transductive = True``).
+(The ``mlp`` backbone of regression tasks has no BatchNorm; the flag is per learner.)
 
 Differences from the published Omniglot setup: the backbone is whatever the run names (default
 ``conv4``, with max-pooling where Finn et al. used strided convolutions on Omniglot), and every
 parameter, BatchNorm's scale and shift included, is adapted in the inner loop.
+
+The functions :func:`adapt`, :func:`maml_meta_loss` and :func:`batch_statistics_only` are the
+building blocks other gradient-based learners (``anil``, ``metasgd``, ...) reuse.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,31 +42,63 @@ from torch.func import functional_call
 
 from metabench import Learner, hookimpl
 
+from . import configs
 
-def adapt(model: nn.Module, params: dict, x, y, inner_lr: float, steps: int, first_order: bool) -> dict:
-    """``steps`` SGD steps on cross_entropy(model(x), y) from ``params``; returns the adapted dict.
+#: The task loss per problem type: (predictions, targets) -> scalar mean loss.
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "classification": F.cross_entropy,  # logits [N, ways], labels [N] int64
+    "regression": F.mse_loss,           # predictions [N, out_dim], targets [N, out_dim]
+}
 
-    x: [S, ...] support inputs, y: [S] int64. Second order keeps the graph of every inner
-    gradient (``create_graph=True``); first order treats the inner gradients as constants.
+CONFIGS = Path(str(configs.path("")))  # installed with the package (metabench_plugins.configs)
+
+
+def task_loss(problem: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The loss of ``problem`` ("classification": cross-entropy, "regression": mean squared error)."""
+    try:
+        return LOSSES[problem]
+    except KeyError:
+        raise ValueError(f"no task loss for problem type {problem!r}; known: {', '.join(LOSSES)}") from None
+
+
+def adapt(model: nn.Module, params: dict, x, y, inner_lr, steps: int, first_order: bool,
+          loss: Callable = F.cross_entropy, only: Collection[str] | None = None) -> dict:
+    """``steps`` gradient steps on ``loss(model(x), y)`` from ``params``; returns the adapted dict.
+
+    x: [S, ...] support inputs, y: [S] int64 labels (or [S, out_dim] regression targets with
+    ``loss=F.mse_loss``). Second order keeps the graph of every inner gradient
+    (``create_graph=True``); first order treats the inner gradients as constants.
+
+    inner_lr: one step size for every parameter, or a mapping name -> tensor of per-element step
+    sizes (Meta-SGD's alpha, broadcast against the parameter).
+    only: names of the parameters to adapt (default: all); the others keep their values and are
+    passed through unchanged (ANIL adapts only the head).
     """
-    names = list(params)
+    names = list(params) if only is None else [n for n in params if n in only]
     for _ in range(steps):
-        loss = F.cross_entropy(functional_call(model, params, (x,)), y)
-        grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=not first_order)
-        params = {n: params[n] - inner_lr * g for n, g in zip(names, grads)}
+        value = loss(functional_call(model, params, (x,)), y)
+        grads = torch.autograd.grad(value, [params[n] for n in names], create_graph=not first_order)
+        step = dict(params)
+        for n, g in zip(names, grads):
+            lr = inner_lr[n] if isinstance(inner_lr, Mapping) else inner_lr
+            step[n] = params[n] - lr * g
+        params = step
     return params
 
 
-def maml_meta_loss(model: nn.Module, params: dict, tasks, inner_lr: float, inner_steps: int,
-                   first_order: bool = False) -> torch.Tensor:
+def maml_meta_loss(model: nn.Module, params: dict, tasks, inner_lr, inner_steps: int,
+                   first_order: bool = False, loss: Callable = F.cross_entropy,
+                   only: Collection[str] | None = None) -> torch.Tensor:
     """Mean over ``tasks`` (each with support_x/support_y/query_x/query_y) of the query loss after adaptation.
 
-    Differentiating the result with respect to ``params`` gives the MAML (or FOMAML) meta-gradient.
+    Differentiating the result with respect to ``params`` (and to ``inner_lr`` when it is a
+    mapping of tensors) gives the MAML (or FOMAML, or Meta-SGD) meta-gradient. ``loss`` and
+    ``only`` are passed to :func:`adapt`.
     """
     losses = []
     for t in tasks:
-        adapted = adapt(model, params, t.support_x, t.support_y, inner_lr, inner_steps, first_order)
-        losses.append(F.cross_entropy(functional_call(model, adapted, (t.query_x,)), t.query_y))
+        adapted = adapt(model, params, t.support_x, t.support_y, inner_lr, inner_steps, first_order, loss, only)
+        losses.append(loss(functional_call(model, adapted, (t.query_x,)), t.query_y))
     return torch.stack(losses).mean()
 
 
@@ -64,85 +111,151 @@ def batch_statistics_only(model: nn.Module) -> nn.Module:
     return model
 
 
+def check_counts(learner: str, config: Any, names: tuple[str, ...], positive: tuple[str, ...] = ()) -> None:
+    """Raise ValueError unless each of ``names`` is a non-negative int and each of ``positive`` is >= 1."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{learner}: {name} must be a non-negative integer, got {value!r}")
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise ValueError(f"{learner}: {name} must be at least 1, got {getattr(config, name)!r}")
+
+
+def resolve_problem_defaults(config: Any, defaults: Mapping[str, Any]) -> None:
+    """Replace each field of ``config`` that is 0 (or "") by ``defaults[field]`` (in place)."""
+    for name, value in defaults.items():
+        if getattr(config, name) in (0, ""):
+            setattr(config, name, value)
+
+
 @dataclass
 class MAMLConfig:
-    """MAML hyper-parameters (defaults = the ``quick`` budget).
+    """MAML hyper-parameters. 0 = the default for the task's problem type (see :attr:`MAML.problem_defaults`).
 
-    meta_steps:       meta-updates (paper, Omniglot: 60,000)
-    meta_batch:       tasks per meta-update (paper, Omniglot 5-way: 32)
-    inner_lr:         inner-loop SGD step size (paper, Omniglot: 0.4)
-    inner_steps:      inner steps during meta-training (paper, Omniglot: 1)
-    eval_inner_steps: inner steps at test time (paper, Omniglot: 3)
+    meta_steps:       meta-updates (paper: 60,000 on Omniglot and mini-ImageNet, 70,000 on sinusoid)
+    meta_batch:       tasks per meta-update (paper: Omniglot 5-way 32, 20-way 16; sinusoid 25)
+    inner_lr:         inner-loop SGD step size (paper: Omniglot 5-way 0.4, 20-way 0.1; mini-ImageNet
+                      and sinusoid 0.01)
+    inner_steps:      inner steps during meta-training (paper: 1; Omniglot 20-way and mini-ImageNet 5)
+    eval_inner_steps: inner steps at test time (paper: Omniglot 5-way 3, 20-way 5; mini-ImageNet 10;
+                      sinusoid up to 10)
     meta_lr:          Adam learning rate of the meta-update (paper: 1e-3)
     first_order:      FOMAML: do not differentiate through the inner gradients
-    train_queries:    queries per class in training tasks; 0 = the protocol's (the published code
-                      used as many queries as shots; ``paper`` keeps the protocol's)
+    train_shots:      support examples per class (regression: support points) in training tasks;
+                      0 = the protocol's shots (Finn et al. meta-trained one sinusoid model with
+                      K = 10 and fine-tuned it with K = 5 and 10 at test time)
+    train_queries:    queries per class (regression: query points) in training tasks (the
+                      published code used as many as shots, except 15 on mini-ImageNet)
     """
 
-    meta_steps: int = 350
-    meta_batch: int = 8
-    inner_lr: float = 0.4
+    meta_steps: int = 0
+    meta_batch: int = 0
+    inner_lr: float = 0.0
     inner_steps: int = 1
-    eval_inner_steps: int = 3
+    eval_inner_steps: int = 0
     meta_lr: float = 1e-3
     first_order: bool = False
-    train_queries: int = 5
+    train_shots: int = 0
+    train_queries: int = 0
 
 
 class MAML(Learner):
     """MAML (Finn et al., ICML 2017) with a linear head on any registered backbone."""
 
+    problem_types = frozenset({"classification", "regression"})
     transductive = True
     Config = MAMLConfig
     reference = "Finn, Abbeel & Levine. Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks. ICML 2017."
-    # quick: about a minute of meta-training + 600 test episodes of kanji-5w1s on 2 CPU cores.
-    # paper: Finn et al.'s Omniglot 5-way settings (20-way used meta_batch 16, inner_lr 0.1, 5 steps).
+    paper_config = CONFIGS / "maml.toml"
+    #: Values of the settings left at 0, per problem type; ``train_queries: "shots"`` means as many
+    #: as the training shots. Classification: about a minute of meta-training on kanji-5w1s on 2
+    #: CPU cores (the Omniglot 5-way inner loop of the paper, fewer and smaller meta-batches);
+    #: regression: Finn et al.'s sinusoid inner loop (step 0.01, 10 steps at test, K query points)
+    #: with the paper's meta-batch of 25 and about a minute of meta-training on sinusoid-5s.
+    problem_defaults: dict[str, dict[str, Any]] = {
+        "classification": {"meta_steps": 350, "meta_batch": 8, "inner_lr": 0.4, "eval_inner_steps": 3,
+                           "train_queries": 5},
+        "regression": {"meta_steps": 3000, "meta_batch": 25, "inner_lr": 0.01, "eval_inner_steps": 10,
+                       "train_queries": "shots"},
+    }
+    # quick: every problem-dependent setting at its per-problem default (above).
+    # paper: the paper's length; per-protocol settings (inner loop, meta-batch, queries, conv4
+    # width) come from configs/maml.toml; protocols without a table use Omniglot 5-way's meta-batch.
     budgets = {
         "smoke": {"meta_steps": 3, "meta_batch": 2, "train_queries": 2, "eval_inner_steps": 1},
-        "quick": {"meta_steps": 350, "meta_batch": 8, "inner_lr": 0.4, "inner_steps": 1,
-                  "eval_inner_steps": 3, "train_queries": 5},
-        "paper": {"meta_steps": 60000, "meta_batch": 32, "inner_lr": 0.4, "inner_steps": 1,
-                  "eval_inner_steps": 3, "meta_lr": 1e-3, "first_order": False, "train_queries": 0},
+        "quick": {},
+        "paper": {"meta_steps": 60000, "meta_batch": 32, "inner_steps": 1, "meta_lr": 1e-3, "first_order": False},
     }
 
     def __init__(self, config, backbone, protocol, device):
         super().__init__(config, backbone, protocol, device)
-        for name in ("meta_steps", "meta_batch", "inner_steps", "eval_inner_steps", "train_queries"):
-            value = getattr(config, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"maml: {name} must be a non-negative integer, got {value!r}")
-        if config.meta_batch < 1:
-            raise ValueError(f"maml: meta_batch must be at least 1, got {config.meta_batch!r}")
+        self.resolve_config()
+        self.loss = task_loss(protocol.problem)
         head = nn.Linear(backbone.out_features, protocol.ways)
         self.model = batch_statistics_only(nn.Sequential(backbone.module, head)).to(device)
         self.model.train()
+
+    def resolve_config(self) -> None:
+        """Fill the settings left at 0 from :attr:`problem_defaults` and check them all."""
+        c, p = self.config, self.protocol
+        name = type(self).__name__.lower()
+        check_counts(name, c, ("meta_steps", "meta_batch", "inner_steps", "eval_inner_steps",
+                               "train_shots", "train_queries"))
+        if not c.inner_lr >= 0:
+            raise ValueError(f"{name}: inner_lr must be non-negative, got {c.inner_lr!r}")
+        defaults = dict(self.problem_defaults[p.problem])
+        if c.train_shots == 0:
+            c.train_shots = p.shots
+        if defaults.get("train_queries") == "shots":
+            defaults["train_queries"] = c.train_shots
+        resolve_problem_defaults(c, defaults)
+        check_counts(name, c, (), positive=("meta_batch", "train_shots", "train_queries"))
 
     def meta_params(self) -> dict:
         """The meta-parameters theta as a name -> tensor dict (the model's own tensors)."""
         return dict(self.model.named_parameters())
 
-    def meta_train(self, ctx) -> None:
+    def sample_tasks(self, ctx) -> list:
+        """``meta_batch`` training episodes of the protocol's ways, ``train_shots`` and ``train_queries``."""
         c, p = self.config, self.protocol
-        opt = torch.optim.Adam(self.model.parameters(), lr=c.meta_lr)
+        return [ctx.sampler.sample(ways=p.ways, shots=c.train_shots, queries=c.train_queries)
+                for _ in range(c.meta_batch)]
+
+    def meta_loss(self, tasks) -> torch.Tensor:
+        """The meta-loss of a meta-batch; its gradient is the meta-gradient of the optimised tensors."""
+        c = self.config
+        return maml_meta_loss(self.model, self.meta_params(), tasks, c.inner_lr, c.inner_steps, c.first_order,
+                              self.loss)
+
+    def optimized_tensors(self) -> list[torch.Tensor]:
+        """What the meta-optimiser updates (theta; Meta-SGD adds its step sizes)."""
+        return list(self.model.parameters())
+
+    def meta_train(self, ctx) -> None:
+        c = self.config
+        opt = torch.optim.Adam(self.optimized_tensors(), lr=c.meta_lr)
         for step in range(1, c.meta_steps + 1):
-            tasks = [ctx.sampler.sample(ways=p.ways, shots=p.shots, queries=c.train_queries or p.queries)
-                     for _ in range(c.meta_batch)]
-            loss = maml_meta_loss(self.model, self.meta_params(), tasks, c.inner_lr, c.inner_steps, c.first_order)
+            loss = self.meta_loss(self.sample_tasks(ctx))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             ctx.progress(step, c.meta_steps, loss=loss.item())
 
-    def predict(self, support_x, support_y, query_x):
-        """Adapt a copy of theta on the support set (``eval_inner_steps``), then score the queries.
-
-        support_x [S, C, H, W], support_y [S], query_x [Q, C, H, W] -> logits [Q, ways].
-        The meta-parameters are left untouched.
-        """
+    def adapt_for_test(self, support_x, support_y) -> dict:
+        """theta adapted on a support set with ``eval_inner_steps`` steps (first order: no graph kept)."""
         c = self.config
+        params = {n: p.detach().requires_grad_(True) for n, p in self.model.named_parameters()}
+        return adapt(self.model, params, support_x, support_y, c.inner_lr, c.eval_inner_steps, True, self.loss)
+
+    def predict(self, support_x, support_y, query_x):
+        """Adapt a copy of theta on the support set (``eval_inner_steps``), then predict the queries.
+
+        support_x [S, ...], support_y [S] (regression: [S, out_dim]), query_x [Q, ...] ->
+        logits [Q, ways] (regression: predictions [Q, out_dim]). The meta-parameters are left untouched.
+        """
         with torch.enable_grad():
-            params = {n: p.detach().requires_grad_(True) for n, p in self.model.named_parameters()}
-            adapted = adapt(self.model, params, support_x, support_y, c.inner_lr, c.eval_inner_steps, first_order=True)
+            adapted = self.adapt_for_test(support_x, support_y)
         with torch.no_grad():
             return functional_call(self.model, {n: t.detach() for n, t in adapted.items()}, (query_x,))
 

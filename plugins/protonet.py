@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from metabench import Learner, hookimpl
 
+from . import configs
+
 
 def prototype_logits(support_emb: torch.Tensor, support_y: torch.Tensor, query_emb: torch.Tensor, ways: int) -> torch.Tensor:
     """Logits -||q - mean_c||^2.
@@ -63,6 +65,7 @@ class ProtoNet(Learner):
     transductive = False
     Config = ProtoNetConfig
     reference = "Snell, Swersky & Zemel. Prototypical Networks for Few-shot Learning. NeurIPS 2017."
+    paper_config = configs.path("protonet.toml")
     # quick: under a minute of meta-training + 600 test episodes of kanji-5w1s on 2 CPU cores.
     budgets = {
         "smoke": {"meta_steps": 5, "train_ways": 5, "train_queries": 2, "lr_step": 0},

@@ -1,6 +1,8 @@
 """Every registered learner, parametrized over the registry: a new plugin is tested without a new test."""
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from metabench.plugins import PluginHost
@@ -8,7 +10,7 @@ from metabench.results import schema_problems
 from metabench.runner import RunRequest, execute
 
 HOST = PluginHost()
-DEFAULT_TASK = {"classification": "kanji-5w1s"}
+DEFAULT_TASK = {"classification": "kanji-5w1s", "regression": "sinusoid-5s"}
 
 
 def task_for(learner: str) -> str | None:
@@ -26,7 +28,10 @@ def test_smoke_run_is_valid_and_deterministic(learner):
     request = RunRequest(learner=learner, task=task, budget="smoke", seed=11, episodes=8)
     first = execute(request, HOST)
     assert schema_problems(first) == []
-    assert all(0.0 <= v <= 1.0 for v in first["per_episode"])
+    if first["task"]["problem"] == "classification":
+        assert all(0.0 <= v <= 1.0 for v in first["per_episode"])  # accuracies
+    else:
+        assert all(math.isfinite(v) and v >= 0.0 for v in first["per_episode"])  # squared errors
     second = execute(request, HOST)
     assert second["per_episode"] == first["per_episode"]  # same seed and config: same results on CPU
     assert second["task"]["episodes_sha256"] == first["task"]["episodes_sha256"]

@@ -1,0 +1,129 @@
+"""Correctness of the speed work (never timing): task-batched and checkpointed MAML give the loop's
+meta-gradient, and every benchmark script runs in its ``--quick`` setting."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from metabench.task import Episode
+from metabench_plugins.checkpointed_inner_loop import adapt_checkpointed, maml_meta_backward
+from metabench_plugins.conv4 import conv4
+from metabench_plugins.maml import adapt, batch_statistics_only, maml_meta_loss
+from metabench_plugins.maml_vmap import BasicBatchNorm, StackedTasks, maml_meta_loss_vmap
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ["bench_episodes.py", "bench_maml.py", "bench_memory.py", "bench_eval.py", "bench_end_to_end.py"]
+
+
+def tiny_maml(seed: int = 0, width: int = 4, size: int = 16, ways: int = 3):
+    """A float64 conv4 (width 4) + head with batch-statistics BatchNorm, and its parameter dict."""
+    torch.manual_seed(seed)
+    backbone = conv4(1, size, width=width)
+    model = batch_statistics_only(nn.Sequential(backbone.module, nn.Linear(backbone.out_features, ways))).double()
+    for m in model.modules():  # non-trivial BatchNorm scale and shift
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model, dict(model.named_parameters())
+
+
+def tiny_tasks(n: int = 2, ways: int = 3, shots: int = 2, queries: int = 3, size: int = 16, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(ways)
+    return [Episode(torch.rand(ways * shots, 1, size, size, generator=g, dtype=torch.float64),
+                    labels.repeat_interleave(shots),
+                    torch.rand(ways * queries, 1, size, size, generator=g, dtype=torch.float64),
+                    labels.repeat_interleave(queries)) for _ in range(n)]
+
+
+def meta_grad(loss_fn, params):
+    loss = loss_fn()
+    return loss.detach(), torch.autograd.grad(loss, list(params.values()))
+
+
+def assert_close(got, want, tol):
+    """Largest absolute difference relative to the largest entry (conv biases before BatchNorm
+    have meta-gradients of ~1e-16, so per-tensor relative errors would test rounding noise)."""
+    scale = max(w.abs().max().item() for w in want)
+    assert scale > 0
+    error = max((g - w).abs().max().item() for g, w in zip(got, want))
+    assert error / scale < tol, f"relative error {error / scale:.3g}"
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_vmap_meta_gradient_equals_loop(first_order):
+    model, params = tiny_maml()
+    tasks = tiny_tasks()
+    loss_loop, g_loop = meta_grad(lambda: maml_meta_loss(model, params, tasks, 0.4, 2, first_order), params)
+    loss_vmap, g_vmap = meta_grad(lambda: maml_meta_loss_vmap(model, params, tasks, 0.4, 2, first_order), params)
+    assert torch.allclose(loss_vmap, loss_loop, rtol=0, atol=1e-12)
+    assert_close(g_vmap, g_loop, 1e-10)
+    assert any(g.abs().max() > 0 for g in g_loop)
+
+
+def test_vmap_accepts_stacked_tasks_and_rejects_ragged():
+    model, params = tiny_maml()
+    tasks = tiny_tasks()
+    a = maml_meta_loss_vmap(model, params, tasks, 0.4, 1)
+    b = maml_meta_loss_vmap(model, params, StackedTasks.of(tasks), 0.4, 1)
+    assert torch.equal(a, b)
+    ragged = tasks[:1] + tiny_tasks(1, shots=1)
+    with pytest.raises(ValueError, match="equal shapes"):
+        maml_meta_loss_vmap(model, params, ragged, 0.4, 1)
+
+
+def test_basic_batchnorm_matches_batchnorm2d():
+    bn = nn.BatchNorm2d(5, track_running_stats=False).double()
+    bn.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(4, 5, 3, 3, dtype=torch.float64)
+    assert torch.allclose(BasicBatchNorm.like(bn)(x), bn(x), atol=1e-12)
+
+
+def test_checkpointed_adapt_gives_same_parameters_and_meta_gradient():
+    model, params = tiny_maml()
+    t = tiny_tasks(1)[0]
+
+    def meta(adapt_fn):
+        adapted = adapt_fn()
+        loss = torch.nn.functional.cross_entropy(torch.func.functional_call(model, adapted, (t.query_x,)), t.query_y)
+        return adapted, torch.autograd.grad(loss, list(params.values()))
+
+    plain, g_plain = meta(lambda: adapt(model, params, t.support_x, t.support_y, 0.4, 3, first_order=False))
+    ckpt, g_ckpt = meta(lambda: adapt_checkpointed(model, params, t.support_x, t.support_y, 0.4, 3))
+    assert_close([ckpt[n] for n in params], [plain[n] for n in params], 1e-12)
+    assert_close(g_ckpt, g_plain, 1e-10)
+
+
+@pytest.mark.parametrize("checkpoint", [True, False])
+def test_meta_backward_accumulates_the_loop_meta_gradient(checkpoint):
+    model, params = tiny_maml()
+    tasks = tiny_tasks(3)
+    loss, g_loop = meta_grad(lambda: maml_meta_loss(model, params, tasks, 0.4, 2), params)
+    value = maml_meta_backward(model, params, tasks, 0.4, 2, checkpoint=checkpoint)
+    assert abs(value - loss.item()) < 1e-12
+    assert_close([p.grad for p in params.values()], g_loop, 1e-10)
+
+
+def test_benchmark_scripts_run_quick(tmp_path):
+    """Each script in its tiny setting, in one process (peers missing: skipped with a message)."""
+    code = (
+        "import runpy, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "for script, out in zip(sys.argv[1::2], sys.argv[2::2]):\n"
+        "    sys.argv = [script, '--quick', '--reps', '1', '--json', out]\n"
+        "    runpy.run_path(script, run_name='__main__')\n"
+    )
+    args = []
+    for name in SCRIPTS:
+        args += [str(ROOT / "benchmarks" / name), str(tmp_path / (name + ".json"))]
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in SCRIPTS:
+        doc = json.loads((tmp_path / (name + ".json")).read_text())
+        assert doc["markdown"].startswith("## ")
