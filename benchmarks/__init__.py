@@ -1,0 +1,1 @@
+"""metabench speed benchmarks (see README.md); not part of the installed package."""

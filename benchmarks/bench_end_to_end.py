@@ -1,0 +1,99 @@
+"""Benchmark 5: end-to-end wall time of ``metabench run --budget quick`` per learner on kanji-5w1s.
+
+Each run is a fresh ``metabench`` process (the installed console script's module, run with this
+Python). Reported: the process wall time, and from the result file's ``timing`` the meta-training
+and evaluation seconds; the rest (start-up, imports, data loading, writing) is wall - both.
+Each learner also runs with ``GLIBC_TUNABLES`` raising glibc's mmap and trim thresholds (freed
+tensor memory stays in the heap instead of being unmapped and faulted in again on the next
+allocation), to measure what that does to a whole run.
+Run it on a quiet machine: it takes a few minutes per learner and repetition.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common  # noqa: E402
+
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
+
+
+def learners() -> list[str]:
+    from metabench.plugins import PluginHost
+
+    host = PluginHost()
+    return [n for n in host.learners.names() if "classification" in host.learners.get(n).obj.problem_types]
+
+
+def one_run(learner: str, task: str, budget: str, episodes: int | None, out: Path, threads: int | None = None,
+            tunables: str | None = None) -> dict:
+    cmd = [sys.executable, "-m", "metabench.cli", "run", "--learner", learner, "--task", task, "--budget", budget,
+           "--out", str(out)]
+    if episodes:
+        cmd += ["--episodes", str(episodes)]
+    before = set(out.glob("**/*.json"))
+    start = time.perf_counter()
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    if tunables:
+        env["GLIBC_TUNABLES"] = tunables
+    start_cpu = os.times()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    cpu = os.times()
+    wall = time.perf_counter() - start
+    user, system = cpu.children_user - start_cpu.children_user, cpu.children_system - start_cpu.children_system
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    new = sorted(set(out.glob("**/*.json")) - before)
+    doc = json.loads(new[-1].read_text())
+    timing = doc["timing"]
+    return {"wall_s": wall, "meta_train_s": timing["meta_train_s"], "eval_s": timing["eval_s"],
+            "other_s": wall - timing["meta_train_s"] - timing["eval_s"], "mean": doc["summary"].get("mean"),
+            "user_s": user, "system_s": system,
+            "episodes": doc["task"]["episodes"], "threads": doc["environment"]["threads"],
+            "command": " ".join(["metabench"] + cmd[3:]).replace(str(out), "DIR")}
+
+
+def main(argv=None) -> None:
+    parser = common.arg_parser(__doc__.splitlines()[0], reps=1)
+    parser.add_argument("--task", default="kanji-5w1s")
+    args = common.parse(parser, argv)
+    budget, episodes = ("smoke", 2) if args.quick else ("quick", None)
+    names = ["protonet"] if args.quick else learners()
+    modes = {"default": None} if args.quick else {"default": None, "GLIBC_TUNABLES": MALLOC_TUNABLES}
+    runs_of = [(n, m) for n in names for m in modes]
+    results = {k: [] for k in runs_of}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.reps):
+            for name, mode in (runs_of if r % 2 == 0 else runs_of[::-1]):
+                results[name, mode].append(one_run(name, args.task, budget, episodes, Path(tmp),
+                                                   threads=1 if args.quick else None, tunables=modes[mode]))
+    rows = []
+    keys = ("wall_s", "meta_train_s", "eval_s", "other_s", "user_s", "system_s")
+    for (name, mode), runs in results.items():
+        med = {k: statistics.median(x[k] for x in runs) for k in keys}
+        rows.append([name, mode, f"{med['wall_s']:.1f}", f"{med['meta_train_s']:.1f}", f"{med['eval_s']:.1f}",
+                     f"{med['other_s']:.1f}", f"{med['user_s']:.1f}", f"{med['system_s']:.1f}",
+                     f"{runs[0]['episodes'] / med['eval_s']:.0f}" if med["eval_s"] else "n/a",
+                     f"{statistics.median(x['mean'] for x in runs):.4f}"])
+    md = [f"`{next(iter(results.values()))[0]['command'].replace(names[0], 'LEARNER')}`: median of {args.reps} "
+          f"run(s) per learner (interleaved), seconds. 'other' = process wall - meta-train - evaluation "
+          "(interpreter and torch start-up, plugin loading, data, writing the result).", "",
+          common.table(["learner", "malloc", "wall s", "meta-train s", "evaluate s", "other s", "user CPU s",
+                        "system CPU s", "eval episodes/s", "mean accuracy"], rows), "",
+          f"GLIBC_TUNABLES row: the same command with `GLIBC_TUNABLES={MALLOC_TUNABLES}`."]
+    common.emit(args, f"5. End to end ({args.task}, budget {budget})", "\n".join(md),
+                {f"{n} / {m}": v for (n, m), v in results.items()})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""Benchmark 1: episodes per second, 5-way 5-shot 15-query, at 28 px and 84 px.
+
+Variants, all drawing from the same images (kanji's training split; at 84 px its first classes
+upscaled to 3 x 84 x 84, miniImageNet's shape):
+
+* metabench:        ``ClassImageSource.draw`` (SplitMix64 in Python) + ``materialize`` (index_select
+                    on the uint8 split tensor, float, / 255): the harness's own path.
+* metabench-fast:   a prototype of the same path giving bit-identical draws and tensors
+                    (checked here): SplitMix64 inlined into one loop, one index_select for
+                    support and query, uint8 / 255 in one op. See RESULTS.md for the proposed diff.
+* per-image:        the same draws, then a list of PIL images, torchvision ``ToTensor`` per image,
+                    ``torch.stack`` (the common Dataset + DataLoader style, without workers).
+* learn2learn:      ``TaskDataset`` over a ``MetaDataset`` of the same PIL images with
+                    ``FusedNWaysKShots`` + ``LoadData`` + ``RemapLabels`` + ``ConsecutiveLabels``
+                    (learn2learn's own benchmark recipe), then the support/query split.
+
+Also measured: draw alone and materialize alone (where metabench's time goes).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from metabench.rng import SplitMix64  # noqa: E402
+from metabench.task import ClassImageSource, Episode, EpisodeDraw  # noqa: E402
+
+WAYS, SHOTS, QUERIES = 5, 5, 15
+_MASK = (1 << 64) - 1
+
+
+class ArraySource(ClassImageSource):
+    """A ClassImageSource over an in-memory uint8 tensor with ``per_class`` images per class."""
+
+    splits = ("train",)
+
+    def __init__(self, images: torch.Tensor, per_class: int):
+        super().__init__()
+        self._images, self._sizes = images, [per_class] * (images.shape[0] // per_class)
+
+    def class_sizes(self, split):
+        return self._sizes
+
+    def load_split(self, split, progress=None):
+        return self._images
+
+
+def kanji_images(size: int, classes: int | None) -> torch.Tensor:
+    """Kanji training images: 28 px as cached (1 channel); other sizes upscaled to 3 channels."""
+    from metabench_plugins import kanji_data
+
+    images = kanji_data.load_split("train")
+    if classes is not None:
+        images = images[: classes * kanji_data.INSTANCES_PER_CLASS]
+    if size == kanji_data.IMAGE_SIZE:
+        return images.contiguous()
+    out = []
+    for chunk in images.split(2000):
+        up = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", align_corners=False)
+        out.append(up.round_().clamp_(0, 255).to(torch.uint8).expand(-1, 3, -1, -1))
+    return torch.cat(out).contiguous()
+
+
+# ----------------------------------------------------------------------------- prototype
+def fast_draw(source: ClassImageSource, rng: SplitMix64, split: str, ways: int, shots: int, queries: int) -> EpisodeDraw:
+    """``source.draw`` with the SplitMix64 stream inlined: the same draw, the same final rng state."""
+    sizes, offsets = source.class_sizes(split), source.offsets(split)
+    state = rng._state
+    per = shots + queries
+
+    def sample(n: int, k: int) -> list[int]:
+        nonlocal state
+        pool = list(range(n)) if k * 4 >= n else None  # dense pool when most of range(n) is drawn
+        swapped: dict[int, int] = {}
+        out = []
+        for i in range(k):
+            m = n - i
+            limit = ((1 << 64) // m) * m
+            while True:  # below(m), inlined
+                state = (state + 0x9E3779B97F4A7C15) & _MASK
+                z = state
+                z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+                z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+                z ^= z >> 31
+                if z < limit:
+                    break
+            j = i + z % m
+            if pool is not None:
+                out.append(pool[j])
+                pool[j] = pool[i]
+            else:
+                out.append(swapped.get(j, j))
+                swapped[j] = swapped.get(i, i)
+        return out
+
+    classes = sample(len(sizes), ways)
+    support, query = [], []
+    for c in classes:
+        if sizes[c] < per:
+            raise ValueError(f"class {c} has {sizes[c]} examples; {per} needed")
+        base = offsets[c]
+        picks = sample(sizes[c], per)
+        support += [base + j for j in picks[:shots]]
+        query += [base + j for j in picks[shots:]]
+    rng._state = state
+    return EpisodeDraw(tuple(classes), tuple(support), tuple(query))
+
+
+def fast_materialize(images: torch.Tensor, draw: EpisodeDraw) -> Episode:
+    """``materialize`` with one index_select and one conversion op (identical values)."""
+    ways = len(draw.classes)
+    n_support = len(draw.support)
+    x = torch.div(images.index_select(0, torch.tensor(draw.support + draw.query)), 255.0)
+    labels = torch.arange(ways)
+    return Episode(x[:n_support], labels.repeat_interleave(n_support // ways), x[n_support:],
+                   labels.repeat_interleave(len(draw.query) // ways))
+
+
+def check_prototype(source: ClassImageSource, n: int = 200) -> None:
+    """The prototype must give the same draws, rng states and tensors as metabench's path."""
+    a, b = SplitMix64(12345), SplitMix64(12345)
+    images = source.images("train")
+    for _ in range(n):
+        da, db = source.draw(a, "train", WAYS, SHOTS, QUERIES), fast_draw(source, b, "train", WAYS, SHOTS, QUERIES)
+        if da != db or a._state != b._state:
+            raise AssertionError("fast_draw differs from ClassImageSource.draw")
+    ea, eb = source.materialize(da, "train"), fast_materialize(images, db)
+    for name in ("support_x", "support_y", "query_x", "query_y"):
+        if not torch.equal(getattr(ea, name), getattr(eb, name)) or getattr(ea, name).dtype != getattr(eb, name).dtype:
+            raise AssertionError(f"fast_materialize differs in {name}")
+
+
+# ----------------------------------------------------------------------------- variants
+def make_variants(source: ClassImageSource, n_fast: int, n_slow: int, l2l) -> tuple[dict, list[str]]:
+    from PIL import Image
+    from torchvision import transforms
+
+    images = source.images("train")
+    notes = []
+    rng_a, rng_b, rng_c, rng_d, rng_e = (SplitMix64(s) for s in (1, 2, 3, 4, 5))
+    draws_for_materialize = [source.draw(SplitMix64(99 + i), "train", WAYS, SHOTS, QUERIES) for i in range(n_fast)]
+
+    def metabench():
+        for _ in range(n_fast):
+            source.materialize(source.draw(rng_a, "train", WAYS, SHOTS, QUERIES), "train")
+
+    def metabench_fast():
+        for _ in range(n_fast):
+            fast_materialize(images, fast_draw(source, rng_b, "train", WAYS, SHOTS, QUERIES))
+
+    def draw_only():
+        for _ in range(n_fast):
+            source.draw(rng_c, "train", WAYS, SHOTS, QUERIES)
+
+    def materialize_only():
+        for d in draws_for_materialize:
+            source.materialize(d, "train")
+
+    array = images.numpy()
+    if array.shape[1] == 1:
+        pils = [Image.fromarray(array[i, 0]) for i in range(array.shape[0])]
+    else:
+        pils = [Image.fromarray(array[i].transpose(1, 2, 0)) for i in range(array.shape[0])]
+    to_tensor = transforms.ToTensor()
+
+    def per_image():
+        for _ in range(n_slow):
+            d = source.draw(rng_d, "train", WAYS, SHOTS, QUERIES)
+            sx = torch.stack([to_tensor(pils[i]) for i in d.support])
+            qx = torch.stack([to_tensor(pils[i]) for i in d.query])
+            labels = torch.arange(WAYS)
+            Episode(sx, labels.repeat_interleave(SHOTS), qx, labels.repeat_interleave(QUERIES))
+
+    variants = {
+        "metabench": (metabench, n_fast),
+        "metabench-fast": (metabench_fast, n_fast),
+        "draw only": (draw_only, n_fast),
+        "materialize only": (materialize_only, n_fast),
+        "per-image (PIL + ToTensor)": (per_image, n_slow),
+    }
+    if l2l is not None:
+        labels = torch.repeat_interleave(torch.arange(len(source.class_sizes("train"))),
+                                         torch.tensor(source.class_sizes("train"))).tolist()
+
+        class PILDataset(torch.utils.data.Dataset):
+            def __len__(self):
+                return len(pils)
+
+            def __getitem__(self, i):
+                return to_tensor(pils[i]), labels[i]
+
+        by_label: dict[int, list[int]] = {}
+        for i, y in enumerate(labels):
+            by_label.setdefault(y, []).append(i)
+        meta = l2l.data.MetaDataset(PILDataset(), labels_to_indices=by_label)
+        taskset = l2l.data.TaskDataset(meta, task_transforms=[
+            l2l.data.transforms.FusedNWaysKShots(meta, n=WAYS, k=SHOTS + QUERIES),
+            l2l.data.transforms.LoadData(meta),
+            l2l.data.transforms.RemapLabels(meta),
+            l2l.data.transforms.ConsecutiveLabels(meta),
+        ], num_tasks=-1)
+        per = SHOTS + QUERIES
+        support_mask = (torch.arange(WAYS * per) % per) < SHOTS
+
+        def learn2learn():
+            for _ in range(n_slow):
+                x, y = taskset.sample()
+                Episode(x[support_mask], y[support_mask], x[~support_mask], y[~support_mask])
+
+        variants["learn2learn TaskDataset"] = (learn2learn, n_slow)
+    else:
+        notes.append(common.skipped("learn2learn"))
+    return variants, notes
+
+
+def profile_draw(source: ClassImageSource, n: int) -> str:
+    """cProfile of metabench's draw + materialize: the top entries by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    rng = SplitMix64(7)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        source.materialize(source.draw(rng, "train", WAYS, SHOTS, QUERIES), "train")
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(8)
+    lines = [ln for ln in out.getvalue().splitlines() if ln.strip()]
+    start = next(i for i, ln in enumerate(lines) if ln.lstrip().startswith("ncalls"))
+    return "\n".join(lines[start:start + 9])
+
+
+def main(argv=None) -> None:
+    args = common.parse(common.arg_parser(__doc__.splitlines()[0], reps=7), argv)
+    l2l = common.peer("learn2learn")
+    n_fast, n_slow = (50, 5) if args.quick else (2000, 40)
+    sizes = [(28, 60), (84, 60)] if args.quick else [(28, None), (84, 600)]
+    rows, data, notes, profiles = [], {}, [], {}
+    for size, classes in sizes:
+        source = ArraySource(kanji_images(size, classes), per_class=20)
+        source.prepare("train")
+        check_prototype(source, n=20 if args.quick else 500)
+        variants, v_notes = make_variants(source, n_fast, n_slow, l2l)
+        notes += v_notes
+        result = common.interleaved(variants, reps=args.reps)
+        base = "metabench"
+        for name in variants:
+            part = name in ("draw only", "materialize only")  # parts of metabench's path, not rivals
+            rows.append([f"{size} px", name, common.fmt(result.rate(name)), f"{result.spread(name):.0%}",
+                         "-" if part else common.fmt(result.ratio(base, name))])
+        data[f"{size}px"] = {n: {"episodes_per_s": result.rate(n), "times_s": result.times[n],
+                                 "episodes_per_rep": result.work[n]} for n in variants}
+        data[f"{size}px"]["ratios"] = {f"metabench/{n}": result.ratio(base, n) for n in variants if n != base}
+        data[f"{size}px"]["ratios"]["metabench-fast/metabench"] = result.ratio("metabench-fast", base)
+        data[f"{size}px"]["images"] = list(source.images("train").shape)
+        profiles[size] = profile_draw(source, 200 if args.quick else 2000)
+    md = [f"5-way {SHOTS}-shot {QUERIES}-query episodes per second (median of {args.reps} interleaved "
+          "repetitions; spread = (max - min) / median of the repetitions' rates; last column: metabench's "
+          "rate over the variant's, from the same repetitions).", "",
+          common.table(["size", "variant", "episodes/s", "spread", "metabench / variant"], rows), ""]
+    for size, text in profiles.items():
+        md += [f"cProfile of metabench's draw + materialize at {size} px (own time, top entries):", "",
+               "```", text, "```", ""]
+    md += [f"- {n}" for n in notes]
+    common.emit(args, "1. Episode sampling", "\n".join(md), data)
+
+
+if __name__ == "__main__":
+    main()
