@@ -172,7 +172,7 @@ class MAML(Learner):
     #: as the training shots. Classification: about a minute of meta-training on kanji-5w1s on 2
     #: CPU cores (the Omniglot 5-way inner loop of the paper, fewer and smaller meta-batches);
     #: regression: Finn et al.'s sinusoid inner loop (step 0.01, 10 steps at test, K query points)
-    #: with the paper's meta-batch of 25 and about a minute of meta-training on sinusoid-5s.
+    #: with the paper's meta-batch of 25; about two minutes on sinusoid-5s on a busy 2-core CPU.
     problem_defaults: dict[str, dict[str, Any]] = {
         "classification": {"meta_steps": 350, "meta_batch": 8, "inner_lr": 0.4, "eval_inner_steps": 3,
                            "train_queries": 5},

@@ -63,7 +63,8 @@ class MetaSGD(MAML):
     """Meta-SGD (Li et al., 2017): MAML with a meta-learned step size for every parameter element."""
 
     Config = MetaSGDConfig
-    reference = "Li, Zhou, Chen & Li. Meta-SGD: Learning to Learn Quickly for Few-Shot Learning. arXiv:1707.09835, 2017."
+    reference = ("Li, Zhou, Chen & Li. Meta-SGD: Learning to Learn Quickly for Few-Shot Learning. "
+                 "arXiv:1707.09835, 2017.")
     paper_config = CONFIGS / "metasgd.toml"
     #: Values of the settings left at 0, per problem type. alpha starts where MAML's fixed step
     #: size works (0.4 on Omniglot-like classification, 0.01 on sinusoid) so that the short quick

@@ -80,7 +80,7 @@ def test_same_seed_same_results_on_cpu(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("argv,fragment", [
-    (["--learner", "protonett"], "did you mean 'protonet'?"),
+    (["--learner", "protonett"], "did you mean 'protonet'"),
     (["--task", "tiny-3w9s"], "unknown task 'tiny-3w9s'"),
     (["--backbone", "conv5"], "did you mean 'conv4'?"),
     (["--set", "stepz=3"], "has no setting 'stepz'; accepted: steps, scale"),

@@ -58,15 +58,19 @@ HOST = make_host()
 
 def class_tasks(n, gen, dtype=torch.float64, shots=SHOTS, queries=QUERIES):
     labels = torch.arange(WAYS)
-    return [Episode(torch.rand(WAYS * shots, 1, 16, 16, generator=gen, dtype=dtype), labels.repeat_interleave(shots),
-                    torch.rand(WAYS * queries, 1, 16, 16, generator=gen, dtype=dtype), labels.repeat_interleave(queries))
+
+    def images(count):
+        return torch.rand(WAYS * count, 1, 16, 16, generator=gen, dtype=dtype)
+
+    return [Episode(images(shots), labels.repeat_interleave(shots), images(queries), labels.repeat_interleave(queries))
             for _ in range(n)]
 
 
 def sine_tasks(n, gen, dtype=torch.float64, shots=4, queries=6):
     tasks = []
     for _ in range(n):
-        a, ph = 0.1 + 4.9 * torch.rand((), generator=gen, dtype=dtype), math.pi * torch.rand((), generator=gen, dtype=dtype)
+        a = 0.1 + 4.9 * torch.rand((), generator=gen, dtype=dtype)
+        ph = math.pi * torch.rand((), generator=gen, dtype=dtype)
         x = 10 * torch.rand(shots + queries, 1, generator=gen, dtype=dtype) - 5
         y = a * torch.sin(x - ph)
         tasks.append(Episode(x[:shots], y[:shots], x[shots:], y[shots:]))
@@ -283,7 +287,10 @@ def test_problem_defaults_fill_only_zero_settings():
     assert (c.alpha_init, c.inner_steps, c.eval_inner_steps) == (0.01, 1, 1)
     c = build(Reptile, TOY, "quick").config
     assert c.inner_optimizer == "adam" and c.train_shots == 15
-    assert build(Reptile, SINE, "quick").config.inner_optimizer == "sgd"
+    c = build(Reptile, SINE, "quick").config
+    assert (c.inner_optimizer, c.inner_lr, c.inner_batch, c.eval_inner_steps) == ("adam", 0.01, 0, 10)
+    c = build(Reptile, SINE, "quick", inner_optimizer="sgd", eval_inner_steps=3).config
+    assert (c.inner_optimizer, c.eval_inner_steps) == ("sgd", 3)
     with pytest.raises(ValueError, match="inner_optimizer"):
         build(Reptile, SINE, "quick", inner_optimizer="rmsprop")
     with pytest.raises(ValueError, match="meta_batch"):

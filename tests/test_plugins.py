@@ -162,7 +162,8 @@ def test_unknown_name_suggests_and_lists(tiny_host):
     with pytest.raises(MetabenchError) as exc:
         tiny_host.learners.get("protonett")
     message = str(exc.value)
-    assert "did you mean 'protonet'?" in message and "registered: maml, protonet, toy" in message
+    assert "did you mean 'protonet'" in message
+    assert "(registered: " + ", ".join(tiny_host.learners.names()) + ")" in message
 
 
 def test_allow_list_loads_only_named_plugins(monkeypatch):
