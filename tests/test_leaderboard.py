@@ -339,7 +339,8 @@ def test_publish_kanji_subset_hash_without_image_data(tmp_path):
 
     host = get_host()
     protocol, source, _ = host.task("kanji-5w1s")
-    doc = make_doc(spread(0.5, 8), sha=episodes_sha256(eval_draws(protocol, source, protocol.eval_split, 8)))
+    doc = make_doc(spread(0.5, 8), version=protocol.version,
+                   sha=episodes_sha256(eval_draws(protocol, source, protocol.eval_split, 8)))
     (copied,) = publish([save(doc, tmp_path, "k.json")], host, tmp_path / "results")
     assert copied.parent == tmp_path / "results" / "kanji-5w1s" / "protonet"
     doc["task"]["episodes_sha256"] = episodes_sha256(eval_draws(protocol, source, protocol.eval_split, 7))
