@@ -1,6 +1,11 @@
 """Shared test helpers: a tiny synthetic task, a toy learner, and hosts built from given plugins."""
 from __future__ import annotations
 
+import os
+
+# Idle OpenMP threads spin by default; on a busy 2-core machine that slowed small-op tests up to 50x.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
