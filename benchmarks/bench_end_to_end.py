@@ -66,10 +66,15 @@ def one_run(learner: str, task: str, budget: str, episodes: int | None, out: Pat
 def main(argv=None) -> None:
     parser = common.arg_parser(__doc__.splitlines()[0], reps=1)
     parser.add_argument("--task", default="kanji-5w1s")
+    parser.add_argument("--learners", nargs="+", help="learners to run (default: every registered "
+                        "classification learner; with 12 of them and two malloc settings that is over an hour)")
+    parser.add_argument("--no-malloc-variant", action="store_true", help="skip the GLIBC_TUNABLES runs")
     args = common.parse(parser, argv)
     budget, episodes = ("smoke", 2) if args.quick else ("quick", None)
-    names = ["protonet"] if args.quick else learners()
-    modes = {"default": None} if args.quick else {"default": None, "GLIBC_TUNABLES": MALLOC_TUNABLES}
+    names = ["protonet"] if args.quick else (args.learners or learners())
+    modes = {"default": None}
+    if not (args.quick or args.no_malloc_variant):
+        modes["GLIBC_TUNABLES"] = MALLOC_TUNABLES
     runs_of = [(n, m) for n in names for m in modes]
     results = {k: [] for k in runs_of}
     with tempfile.TemporaryDirectory() as tmp:
