@@ -45,13 +45,34 @@ class SplitMix64:
         return low + (high - low) * ((self.next_u64() >> 11) / float(1 << 53))
 
     def sample(self, n: int, k: int) -> list[int]:
-        """k distinct integers from range(n), in random order (sparse partial Fisher-Yates)."""
+        """k distinct integers from range(n), in random order (partial Fisher-Yates).
+
+        The j-th pick is ``i + below(n - i)``; :meth:`below` and :meth:`next_u64` are inlined
+        here (episode drawing spends most of its time in this loop), and a list stands in for
+        the sparse swap map when most of range(n) is drawn. Same stream, same result.
+        """
         if not 0 <= k <= n:
             raise ValueError(f"cannot draw {k} distinct items from {n}")
+        state = self._state
+        pool = list(range(n)) if 4 * k >= n else None
         swapped: dict[int, int] = {}
         out = []
         for i in range(k):
-            j = i + self.below(n - i)
-            out.append(swapped.get(j, j))
-            swapped[j] = swapped.get(i, i)
+            m = n - i
+            limit = ((1 << 64) // m) * m
+            while True:
+                state = (state + 0x9E3779B97F4A7C15) & _MASK
+                z = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+                z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+                z ^= z >> 31
+                if z < limit:
+                    break
+            j = i + z % m
+            if pool is not None:
+                out.append(pool[j])
+                pool[j] = pool[i]
+            else:
+                out.append(swapped.get(j, j))
+                swapped[j] = swapped.get(i, i)
+        self._state = state
         return out

@@ -207,10 +207,12 @@ class ClassImageSource(DataSource):
         images = self.images(split)
         ways = len(draw.classes)
         shots, queries = len(draw.support) // ways, len(draw.query) // ways
-        support_x = images.index_select(0, torch.tensor(draw.support)).float().div_(255.0)
-        query_x = images.index_select(0, torch.tensor(draw.query)).float().div_(255.0)
+        n_support = len(draw.support)
+        # One gather for support and query, and uint8 / 255 straight to float32 (the same values
+        # as .float().div_(255)); support and query are contiguous views of the result.
+        x = torch.div(images.index_select(0, torch.tensor(draw.support + draw.query)), 255.0)
         labels = torch.arange(ways)
-        return Episode(support_x, labels.repeat_interleave(shots), query_x, labels.repeat_interleave(queries))
+        return Episode(x[:n_support], labels.repeat_interleave(shots), x[n_support:], labels.repeat_interleave(queries))
 
     def pooled(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """All images of a split with their class labels: (uint8 [N, C, H, W], int64 [N])."""

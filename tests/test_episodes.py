@@ -32,6 +32,23 @@ def test_sample_is_distinct_and_uniform_enough():
     assert min(counts) > 800 and max(counts) < 1000  # expected 900 each
 
 
+def test_sample_matches_the_plain_fisher_yates_definition():
+    # sample() inlines below() for speed; its picks and the stream position must be exactly those
+    # of the textbook partial Fisher-Yates on below(), for sparse and dense draws alike.
+    def reference(rng, n, k):
+        swapped, out = {}, []
+        for i in range(k):
+            j = i + rng.below(n - i)
+            out.append(swapped.get(j, j))
+            swapped[j] = swapped.get(i, i)
+        return out
+
+    for seed, n, k in [(1, 10, 3), (2, 10, 10), (3, 1500, 5), (4, 20, 16), (5, 7, 0), (6, 3, 2), (7, 2**40, 4)]:
+        fast, slow = SplitMix64(seed), SplitMix64(seed)
+        assert fast.sample(n, k) == reference(slow, n, k), (seed, n, k)
+        assert fast.next_u64() == slow.next_u64(), (seed, n, k)
+
+
 def test_eval_draws_ignore_global_randomness():
     source = TinySource()
     torch.manual_seed(0)
