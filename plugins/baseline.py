@@ -30,6 +30,8 @@ from torch import nn
 
 from metabench import Learner, hookimpl
 
+from . import configs
+
 
 def cosine_logits(features: torch.Tensor, weight: torch.Tensor, scale: float) -> torch.Tensor:
     """scale * cos(features_n, weight_c): [N, D], [classes, D] -> [N, classes]."""
@@ -53,7 +55,7 @@ class Head(nn.Module):
 
 
 def fit_head(features: torch.Tensor, labels: torch.Tensor, classes: int, cosine: bool, scale: float, steps: int,
-             lr: float, momentum: float, batch: int, weight_decay: float, seed: int) -> Head:
+             lr: float, momentum: float, batch: int, weight_decay: float, seed: int, dampening: float = 0.0) -> Head:
     """A new head fitted on fixed ``features`` [S, D] and ``labels`` [S] with SGD + momentum.
 
     Each step uses the next ``batch`` examples (0 = all) of a random permutation, re-drawn when
@@ -62,7 +64,7 @@ def fit_head(features: torch.Tensor, labels: torch.Tensor, classes: int, cosine:
     """
     gen = torch.Generator().manual_seed(seed)
     head = Head(features.shape[1], classes, cosine, scale, gen).to(features.device)
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay)
     n = features.shape[0]
     batch = n if batch <= 0 else min(batch, n)
     order, pos = torch.randperm(n, generator=gen), 0
@@ -95,7 +97,8 @@ class BaselineConfig:
     finetune_lr:           their learning rate (paper: 0.01)
     finetune_momentum:     their momentum (paper: 0.9)
     finetune_batch:        support examples per step (paper: 4); 0 = the whole support set
-    finetune_weight_decay: weight decay of the fine-tuning SGD
+    finetune_weight_decay: weight decay of the fine-tuning SGD (authors' code: 0.001)
+    finetune_dampening:    dampening of the fine-tuning SGD's momentum (authors' code: 0.9)
     finetune_seed:         seed of the new head's initialisation and minibatch order
     """
 
@@ -110,6 +113,7 @@ class BaselineConfig:
     finetune_momentum: float = 0.9
     finetune_batch: int = 4
     finetune_weight_decay: float = 0.0
+    finetune_dampening: float = 0.0
     finetune_seed: int = 0
 
 
@@ -143,6 +147,7 @@ class Baseline(Learner):
     Config = BaselineConfig
     cosine = False
     reference = "Chen, Liu, Kira, Wang & Huang. A Closer Look at Few-shot Classification. ICLR 2019."
+    paper_config = configs.path("baseline.toml")
     # quick: about 1.5 minutes of pre-training + 600 test episodes of kanji-5w1s on 2 CPU cores.
     # Longer pre-training hurts the linear baseline on kanji (it fits the 1,500 training classes):
     # on the first 200 test episodes, 1,500 minibatches gave 96.4%, 2,000 gave 94.7% and 4,500
@@ -167,6 +172,9 @@ class Baseline(Learner):
         for field in ("lr", "finetune_lr") + (("pretrain_scale", "finetune_scale") if self.cosine else ()):
             if not getattr(config, field) > 0:
                 raise ValueError(f"{name}: {field} must be positive, got {getattr(config, field)!r}")
+        for field in ("finetune_momentum", "finetune_dampening", "finetune_weight_decay"):
+            if not getattr(config, field) >= 0:
+                raise ValueError(f"{name}: {field} must be zero or positive, got {getattr(config, field)!r}")
         self.net = backbone.module.to(device)
         self.dim = backbone.out_features
 
@@ -223,7 +231,7 @@ class Baseline(Learner):
         support_emb, query_emb = emb[:n].detach(), emb[n:].detach()
         head = fit_head(support_emb, support_y, self.protocol.ways, self.cosine, self.finetune_scale(),
                         c.finetune_steps, c.finetune_lr, c.finetune_momentum, c.finetune_batch,
-                        c.finetune_weight_decay, c.finetune_seed)
+                        c.finetune_weight_decay, c.finetune_seed, c.finetune_dampening)
         with torch.no_grad():
             return head(query_emb)
 
@@ -233,6 +241,7 @@ class BaselinePlusPlus(Baseline):
 
     Config = BaselinePlusPlusConfig
     cosine = True
+    paper_config = configs.path("baseline++.toml")
     # quick: about 3.5 minutes of pre-training + 600 test episodes of kanji-5w1s on 2 CPU cores;
     # unlike Baseline, Baseline++ keeps improving with longer pre-training (1,000 minibatches:
     # 98.3% on the first 200 test episodes; 4,500: 99.2% on all 600).

@@ -38,6 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from metabench import Learner, hookimpl
+from metabench.episodic import train_on_episodes
+
+from . import configs
 
 
 def cosine_attention(support_emb: torch.Tensor, query_emb: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -115,6 +118,7 @@ class MatchingNet(Learner):
 
     transductive = False
     Config = MatchingNetConfig
+    paper_config = configs.path("matchingnet.toml")
     reference = ("Vinyals, Blundell, Lillicrap, Kavukcuoglu & Wierstra. "
                  "Matching Networks for One Shot Learning. NeurIPS 2016.")
     # quick: about 3.5 minutes of meta-training + 600 test episodes of kanji-5w1s on 2 CPU cores.
@@ -164,21 +168,14 @@ class MatchingNet(Learner):
     def meta_train(self, ctx) -> None:
         c, p = self.config, self.protocol
         ways, shots, queries = c.train_ways or p.ways, c.train_shots or p.shots, c.train_queries or p.queries
-        opt = torch.optim.Adam(list(self.trainable_parameters()), lr=c.lr)
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=c.lr_step, gamma=c.lr_gamma) if c.lr_step else None
-        self.train_mode(True)
-        for step in range(1, c.meta_steps + 1):
-            ep = ctx.sampler.sample(ways=ways, shots=shots, queries=queries)
+
+        def episode_loss(ep):
             logits = self.episode_logits(ep.support_x, ep.support_y, ep.query_x, ways)
-            loss = F.nll_loss(logits, ep.query_y)  # -log P(y | x^, S)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            with torch.no_grad():
-                acc = (logits.argmax(1) == ep.query_y).float().mean().item()
-            ctx.progress(step, c.meta_steps, loss=loss.item(), acc=acc)
+            return F.nll_loss(logits, ep.query_y), logits  # -log P(y | x^, S)
+
+        self.train_mode(True)
+        train_on_episodes(ctx, list(self.trainable_parameters()), episode_loss, steps=c.meta_steps, lr=c.lr,
+                          ways=ways, shots=shots, queries=queries, lr_step=c.lr_step, lr_gamma=c.lr_gamma)
 
     def predict(self, support_x, support_y, query_x):
         """support_x [S, C, H, W], support_y [S], query_x [Q, C, H, W] -> log-probabilities [Q, ways]."""

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from metabench import Learner, hookimpl
+from metabench.episodic import train_on_episodes
 
 from . import configs
 
@@ -96,21 +97,15 @@ class ProtoNet(Learner):
     def meta_train(self, ctx) -> None:
         c, p = self.config, self.protocol
         ways, shots, queries = c.train_ways or p.ways, c.train_shots or p.shots, c.train_queries or p.queries
-        opt = torch.optim.Adam(self.net.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=c.lr_step, gamma=c.lr_gamma) if c.lr_step else None
-        self.net.train()
-        for step in range(1, c.meta_steps + 1):
-            ep = ctx.sampler.sample(ways=ways, shots=shots, queries=queries)
+
+        def episode_loss(ep):
             logits = self.episode_logits(ep.support_x, ep.support_y, ep.query_x, ways)
-            loss = F.cross_entropy(logits, ep.query_y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            with torch.no_grad():
-                acc = (logits.argmax(1) == ep.query_y).float().mean().item()
-            ctx.progress(step, c.meta_steps, loss=loss.item(), acc=acc)
+            return F.cross_entropy(logits, ep.query_y), logits
+
+        self.net.train()
+        train_on_episodes(ctx, self.net.parameters(), episode_loss, steps=c.meta_steps, lr=c.lr, ways=ways,
+                          shots=shots, queries=queries, lr_step=c.lr_step, lr_gamma=c.lr_gamma,
+                          weight_decay=c.weight_decay)
 
     def predict(self, support_x, support_y, query_x):
         """support_x [S, C, H, W], support_y [S], query_x [Q, C, H, W] -> logits [Q, ways].

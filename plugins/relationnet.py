@@ -41,6 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from metabench import Learner, hookimpl
+from metabench.episodic import train_on_episodes
+
+from . import configs
 
 _HEAD_LAYERS = (nn.Flatten, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
@@ -145,6 +148,7 @@ class RelationNet(Learner):
 
     transductive = False
     Config = RelationNetConfig
+    paper_config = configs.path("relationnet.toml")
     reference = ("Sung, Yang, Zhang, Xiang, Torr & Hospedales. Learning to Compare: Relation Network "
                  "for Few-Shot Learning. CVPR 2018.")
     # quick: about 3.5 minutes of meta-training + 600 test episodes of kanji-5w1s on 2 CPU cores.
@@ -216,22 +220,15 @@ class RelationNet(Learner):
         c, p = self.config, self.protocol
         ways, shots = c.train_ways or p.ways, c.train_shots or p.shots
         queries = c.train_queries or paper_train_queries(ways, shots, p.queries)
-        params = list(self.embed.parameters()) + list(self.relation.parameters())
-        opt = torch.optim.Adam(params, lr=c.lr)
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=c.lr_step, gamma=c.lr_gamma) if c.lr_step else None
-        self.train_mode(True)
-        for step in range(1, c.meta_steps + 1):
-            ep = ctx.sampler.sample(ways=ways, shots=shots, queries=queries)
+
+        def episode_loss(ep):
             scores = self.scores(ep.support_x, ep.support_y, ep.query_x, ways)
-            loss = F.mse_loss(scores, F.one_hot(ep.query_y, ways).to(scores.dtype))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            with torch.no_grad():
-                acc = (scores.argmax(1) == ep.query_y).float().mean().item()
-            ctx.progress(step, c.meta_steps, loss=loss.item(), acc=acc)
+            return F.mse_loss(scores, F.one_hot(ep.query_y, ways).to(scores.dtype)), scores
+
+        self.train_mode(True)
+        train_on_episodes(ctx, list(self.embed.parameters()) + list(self.relation.parameters()), episode_loss,
+                          steps=c.meta_steps, lr=c.lr, ways=ways, shots=shots, queries=queries, lr_step=c.lr_step,
+                          lr_gamma=c.lr_gamma)
 
     def predict(self, support_x, support_y, query_x):
         """support_x [S, C, H, W], support_y [S], query_x [Q, C, H, W] -> relation scores [Q, ways]."""
