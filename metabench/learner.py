@@ -73,6 +73,9 @@ class Learner(abc.ABC):
     paper_config: ClassVar[Any] = None
 
     def __init__(self, config: Any, backbone: Backbone, protocol: Protocol, device: torch.device):
+        """Subclasses check their settings here and raise ``ValueError`` naming the setting, what it
+        was and what is accepted: the CLI reports it as bad input (one line, exit status 2). Any
+        other exception is reported as the plugin failing (exit status 1)."""
         self.config = config
         self.backbone = backbone
         self.protocol = protocol

@@ -192,6 +192,8 @@ def execute(request: RunRequest, host: PluginHost, progress: Progress | None = N
     backbone.module.to(device)
     try:
         learner = entry.obj(config, backbone, protocol, device)
+    except ValueError as exc:  # the learners' convention for a setting it does not accept: bad input
+        raise MetabenchError(f"{who} refused its settings: {exc}") from None
     except Exception as exc:
         raise PluginFailed(f"{who} failed to start: {type(exc).__name__}: {exc}") from exc
 

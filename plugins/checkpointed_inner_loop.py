@@ -18,7 +18,7 @@ Third-order derivatives through a checkpointed step are not supported (``once_di
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +27,8 @@ from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 
 
-def _support_grads(model, names, params, x, y, create_graph: bool):
-    loss = F.cross_entropy(functional_call(model, dict(zip(names, params)), (x,)), y)
+def _support_grads(model, names, params, x, y, create_graph: bool, loss_fn=F.cross_entropy):
+    loss = loss_fn(functional_call(model, dict(zip(names, params)), (x,)), y)
     return torch.autograd.grad(loss, params, create_graph=create_graph)
 
 
@@ -36,12 +36,12 @@ class _RecomputedStep(torch.autograd.Function):
     """One SGD step ``p - lr * grad L_support(p)`` whose graph is rebuilt during backward."""
 
     @staticmethod
-    def forward(ctx, model, names, x, y, inner_lr, *params):
-        ctx.model, ctx.names, ctx.x, ctx.y, ctx.inner_lr = model, names, x, y, inner_lr
+    def forward(ctx, model, names, x, y, inner_lr, loss_fn, *params):
+        ctx.model, ctx.names, ctx.x, ctx.y, ctx.inner_lr, ctx.loss_fn = model, names, x, y, inner_lr, loss_fn
         ctx.save_for_backward(*params)
         with torch.enable_grad():
             inputs = [p.detach().requires_grad_(True) for p in params]
-            grads = _support_grads(model, names, inputs, x, y, create_graph=False)
+            grads = _support_grads(model, names, inputs, x, y, False, loss_fn)
         return tuple(p - inner_lr * g for p, g in zip(params, grads))
 
     @staticmethod
@@ -50,33 +50,38 @@ class _RecomputedStep(torch.autograd.Function):
         params = ctx.saved_tensors
         with torch.enable_grad():
             inputs = [p.detach().requires_grad_(True) for p in params]
-            grads = _support_grads(ctx.model, ctx.names, inputs, ctx.x, ctx.y, create_graph=True)
+            grads = _support_grads(ctx.model, ctx.names, inputs, ctx.x, ctx.y, True, ctx.loss_fn)
             new = [p - ctx.inner_lr * g for p, g in zip(inputs, grads)]
             vjp = torch.autograd.grad(new, inputs, grad_out)
-        return (None, None, None, None, None, *vjp)
+        return (None, None, None, None, None, None, *vjp)
 
 
-def adapt_checkpointed(model: nn.Module, params: dict, x, y, inner_lr: float, steps: int) -> dict:
+def adapt_checkpointed(model: nn.Module, params: dict, x, y, inner_lr: float, steps: int,
+                       loss: Callable = F.cross_entropy) -> dict:
     """Second-order ``adapt``: the same adapted parameters and meta-gradient, one step's graph at a time.
 
-    x: [S, ...] support inputs, y: [S] int64. Returns the adapted name -> tensor dict.
+    x: [S, ...] support inputs, y: [S] int64 labels (or regression targets with ``loss=F.mse_loss``).
+    Returns the adapted name -> tensor dict.
     """
     names = tuple(params)
     values = tuple(params[n] for n in names)
     for _ in range(steps):
-        values = _RecomputedStep.apply(model, names, x, y, inner_lr, *values)
+        values = _RecomputedStep.apply(model, names, x, y, inner_lr, loss, *values)
     return dict(zip(names, values))
 
 
 def maml_meta_backward(model: nn.Module, params: dict, tasks: Sequence, inner_lr: float, inner_steps: int,
-                       checkpoint: bool = True) -> float:
+                       checkpoint: bool = True, loss: Callable = F.cross_entropy, first_order: bool = False) -> float:
     """Second-order MAML meta-gradient, accumulated into ``params[n].grad``; returns the meta-loss.
 
     The same meta-gradient as ``maml_meta_loss(model, params, tasks, ...).backward()`` (the mean
     over tasks of the query loss after adaptation), differentiated task by task. ``checkpoint``
     also recomputes the inner steps (:func:`adapt_checkpointed`) instead of keeping their graphs.
+    ``first_order`` (FOMAML; not with ``checkpoint``) and ``loss`` are as in ``maml_meta_loss``.
     Call ``optimizer.zero_grad()`` before it, as before ``backward()``.
     """
+    if checkpoint and first_order:
+        raise ValueError("the checkpointed inner loop is for second-order MAML; first order keeps no inner graph")
     from .maml import adapt
 
     tasks = list(tasks)
@@ -84,11 +89,11 @@ def maml_meta_backward(model: nn.Module, params: dict, tasks: Sequence, inner_lr
     total = 0.0
     for t in tasks:
         if checkpoint:
-            adapted = adapt_checkpointed(model, params, t.support_x, t.support_y, inner_lr, inner_steps)
+            adapted = adapt_checkpointed(model, params, t.support_x, t.support_y, inner_lr, inner_steps, loss)
         else:
-            adapted = adapt(model, params, t.support_x, t.support_y, inner_lr, inner_steps, first_order=False)
-        loss = F.cross_entropy(functional_call(model, adapted, (t.query_x,)), t.query_y) / len(tasks)
-        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            adapted = adapt(model, params, t.support_x, t.support_y, inner_lr, inner_steps, first_order, loss)
+        share = loss(functional_call(model, adapted, (t.query_x,)), t.query_y) / len(tasks)
+        grads = torch.autograd.grad(share, leaves, allow_unused=True)
         for leaf, g in zip(leaves, grads):
             if g is None:
                 continue
@@ -96,5 +101,5 @@ def maml_meta_backward(model: nn.Module, params: dict, tasks: Sequence, inner_lr
                 leaf.grad = g.detach().clone()
             else:
                 leaf.grad += g
-        total += loss.item()
+        total += share.item()
     return total

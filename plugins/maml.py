@@ -147,6 +147,17 @@ class MAMLConfig:
                       K = 10 and fine-tuned it with K = 5 and 10 at test time)
     train_queries:    queries per class (regression: query points) in training tasks (the
                       published code used as many as shots, except 15 on mini-ImageNet)
+    task_batching:    "loop" (default): the meta-batch's tasks one after another; "vmap": all tasks
+                      in one ``torch.func.vmap`` with per-task BatchNorm statistics (the same
+                      meta-gradient; for GPUs, where a per-task loop is launch-bound; on a 2-core
+                      CPU it measured 1.8-3x slower, benchmarks/RESULTS.md)
+    per_task_backward: differentiate each task's query loss as soon as its inner loop is done,
+                      so one task's graph is alive at a time instead of the meta-batch's (the
+                      same meta-gradient, less memory)
+    inner_checkpoint: second order only: recompute each inner step in the backward pass instead of
+                      keeping its graph (implies ``per_task_backward``): memory for long inner
+                      loops and big backbones, at the cost of one more support forward/backward
+                      per inner step
     """
 
     meta_steps: int = 0
@@ -158,6 +169,12 @@ class MAMLConfig:
     first_order: bool = False
     train_shots: int = 0
     train_queries: int = 0
+    task_batching: str = "loop"
+    per_task_backward: bool = False
+    inner_checkpoint: bool = False
+
+
+TASK_BATCHING = ("loop", "vmap")
 
 
 class MAML(Learner):
@@ -211,6 +228,27 @@ class MAML(Learner):
             defaults["train_queries"] = c.train_shots
         resolve_problem_defaults(c, defaults)
         check_counts(name, c, (), positive=("meta_batch", "train_shots", "train_queries"))
+        self.check_meta_gradient_options(name)
+
+    def check_meta_gradient_options(self, name: str) -> None:
+        """Reject combinations of ``task_batching``, ``per_task_backward`` and ``inner_checkpoint`` that do not exist."""
+        c = self.config
+        if not hasattr(c, "task_batching"):  # a subclass whose config has none of these options
+            return
+        if c.task_batching not in TASK_BATCHING:
+            raise ValueError(f"{name}: task_batching must be one of {', '.join(TASK_BATCHING)}; got {c.task_batching!r}")
+        for option in ("per_task_backward", "inner_checkpoint"):
+            if not isinstance(getattr(c, option), bool):
+                raise ValueError(f"{name}: {option} must be true or false, got {getattr(c, option)!r}")
+        special = c.task_batching != "loop" or c.per_task_backward or c.inner_checkpoint
+        if special and type(self).meta_loss is not MAML.meta_loss:
+            raise ValueError(f"{name}: task_batching, per_task_backward and inner_checkpoint are MAML's options; "
+                             f"{name} computes its own meta-loss")
+        if c.task_batching == "vmap" and (c.per_task_backward or c.inner_checkpoint):
+            raise ValueError(f"{name}: task_batching = \"vmap\" differentiates the whole meta-batch at once; "
+                             "it cannot be combined with per_task_backward or inner_checkpoint")
+        if c.inner_checkpoint and c.first_order:
+            raise ValueError(f"{name}: inner_checkpoint is for second-order MAML (first_order keeps no inner graph)")
 
     def meta_params(self) -> dict:
         """The meta-parameters theta as a name -> tensor dict (the model's own tensors)."""
@@ -225,8 +263,25 @@ class MAML(Learner):
     def meta_loss(self, tasks) -> torch.Tensor:
         """The meta-loss of a meta-batch; its gradient is the meta-gradient of the optimised tensors."""
         c = self.config
+        if c.task_batching == "vmap":
+            from .maml_vmap import maml_meta_loss_vmap
+
+            return maml_meta_loss_vmap(self.model, self.meta_params(), tasks, c.inner_lr, c.inner_steps,
+                                       c.first_order, self.loss)
         return maml_meta_loss(self.model, self.meta_params(), tasks, c.inner_lr, c.inner_steps, c.first_order,
                               self.loss)
+
+    def meta_backward(self, tasks) -> float:
+        """Accumulate the meta-gradient of a meta-batch into the optimised tensors' ``.grad``; return the meta-loss."""
+        c = self.config
+        if getattr(c, "per_task_backward", False) or getattr(c, "inner_checkpoint", False):
+            from .checkpointed_inner_loop import maml_meta_backward
+
+            return maml_meta_backward(self.model, self.meta_params(), tasks, c.inner_lr, c.inner_steps,
+                                      checkpoint=c.inner_checkpoint, loss=self.loss, first_order=c.first_order)
+        loss = self.meta_loss(tasks)
+        loss.backward()
+        return loss.item()
 
     def optimized_tensors(self) -> list[torch.Tensor]:
         """What the meta-optimiser updates (theta; Meta-SGD adds its step sizes)."""
@@ -236,11 +291,11 @@ class MAML(Learner):
         c = self.config
         opt = torch.optim.Adam(self.optimized_tensors(), lr=c.meta_lr)
         for step in range(1, c.meta_steps + 1):
-            loss = self.meta_loss(self.sample_tasks(ctx))
+            tasks = self.sample_tasks(ctx)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = self.meta_backward(tasks)
             opt.step()
-            ctx.progress(step, c.meta_steps, loss=loss.item())
+            ctx.progress(step, c.meta_steps, loss=loss)
 
     def adapt_for_test(self, support_x, support_y) -> dict:
         """theta adapted on a support set with ``eval_inner_steps`` steps (first order: no graph kept)."""

@@ -116,18 +116,19 @@ class StackedTasks:
 
 
 def maml_meta_loss_vmap(model: nn.Module, params: dict, tasks: Sequence | StackedTasks, inner_lr: float,
-                        inner_steps: int, first_order: bool = False) -> torch.Tensor:
+                        inner_steps: int, first_order: bool = False, loss=F.cross_entropy) -> torch.Tensor:
     """Mean over tasks of the query loss after adaptation, all tasks in one ``vmap``.
 
     Same arguments and value as :func:`metabench_plugins.maml.maml_meta_loss`; ``tasks`` may be a
     sequence of episodes of equal shapes or a :class:`StackedTasks`. Differentiating the result
     with respect to ``params`` gives the MAML (``first_order=False``) or FOMAML meta-gradient.
+    ``loss(predictions, targets)`` is the task loss (cross-entropy; ``F.mse_loss`` for regression).
     """
     stacked = StackedTasks.of(tasks)
     fmodel = _functional_model(model)
 
     def support_loss(p, x, y):
-        return F.cross_entropy(functional_call(fmodel, p, (x,)), y)
+        return loss(functional_call(fmodel, p, (x,)), y)
 
     def task_loss(p, sx, sy, qx, qy):  # one task: sx [S, C, H, W], sy [S], qx [Q, C, H, W], qy [Q]
         for _ in range(inner_steps):
@@ -135,7 +136,7 @@ def maml_meta_loss_vmap(model: nn.Module, params: dict, tasks: Sequence | Stacke
             if first_order:
                 grads = {n: g.detach() for n, g in grads.items()}
             p = {n: p[n] - inner_lr * grads[n] for n in p}
-        return F.cross_entropy(functional_call(fmodel, p, (qx,)), qy)
+        return loss(functional_call(fmodel, p, (qx,)), qy)
 
     losses = vmap(task_loss, in_dims=(None, 0, 0, 0, 0))(
         dict(params), stacked.support_x, stacked.support_y, stacked.query_x, stacked.query_y)  # [T]

@@ -127,3 +127,55 @@ def test_benchmark_scripts_run_quick(tmp_path):
     for name in SCRIPTS:
         doc = json.loads((tmp_path / (name + ".json")).read_text())
         assert doc["markdown"].startswith("## ")
+
+
+# ----------------------------------------------------------------------------- the maml learner's options
+
+
+def learner_meta_grad(problem: str, **options):
+    """float64 meta-gradient of one meta-batch through MAML.meta_backward with ``options``."""
+    from metabench.task import Protocol
+    from metabench_plugins.maml import MAML, MAMLConfig
+    from metabench_plugins.mlp import mlp
+
+    torch.manual_seed(0)
+    if problem == "classification":
+        backbone = conv4(1, 16, width=4)
+        protocol = Protocol(name="t-3w2s", version=1, dataset="t", ways=3, shots=2, queries=3, episodes=1, image_size=16)
+        tasks = tiny_tasks()
+    else:
+        backbone = mlp(1, 1)
+        protocol = Protocol(name="s-5s", version=1, dataset="s", ways=1, shots=5, queries=5, episodes=1, image_size=1,
+                            problem="regression", metric="mse", higher_is_better=False)
+        g = torch.Generator().manual_seed(3)
+        tasks = [Episode(torch.randn(5, 1, generator=g, dtype=torch.float64), torch.randn(5, 1, generator=g, dtype=torch.float64),
+                         torch.randn(7, 1, generator=g, dtype=torch.float64), torch.randn(7, 1, generator=g, dtype=torch.float64))
+                 for _ in range(3)]
+    config = MAMLConfig(meta_steps=1, meta_batch=len(tasks), inner_lr=0.1, inner_steps=3, **options)
+    learner = MAML(config, backbone, protocol, torch.device("cpu"))
+    learner.model.double()
+    loss = learner.meta_backward(tasks)
+    return loss, [p.grad.clone() for p in learner.model.parameters()]
+
+
+@pytest.mark.parametrize("problem", ["classification", "regression"])
+@pytest.mark.parametrize("options", [dict(task_batching="vmap"), dict(per_task_backward=True),
+                                     dict(inner_checkpoint=True), dict(first_order=True, per_task_backward=True),
+                                     dict(first_order=True, task_batching="vmap")])
+def test_maml_learner_options_give_the_loops_meta_gradient(problem, options):
+    first_order = options.get("first_order", False)
+    loss_loop, g_loop = learner_meta_grad(problem, first_order=first_order)
+    loss, grads = learner_meta_grad(problem, **options)
+    assert abs(loss - loss_loop) < 1e-12
+    assert_close(grads, g_loop, 1e-10)
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(task_batching="groups"), "task_batching must be one of loop, vmap"),
+    (dict(task_batching="vmap", inner_checkpoint=True), "cannot be combined"),
+    (dict(inner_checkpoint=True, first_order=True), "second-order"),
+    (dict(per_task_backward="yes"), "true or false"),
+])
+def test_maml_learner_rejects_impossible_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        learner_meta_grad("classification", **options)

@@ -143,6 +143,16 @@ def test_existing_results_survive_a_failed_run(capsys, tmp_path):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
+def test_a_setting_the_learner_refuses_is_bad_input(capsys, tmp_path):
+    # Learners raise ValueError for settings they do not accept: exit 2, one line, nothing written.
+    code, _, err = cli(capsys, "run", "--learner", "protonet", "--task", "tiny-3w2s", "--budget", "smoke",
+                       "--set", "lr=-1", "--out", str(tmp_path))
+    assert code == 2
+    assert "learner 'protonet' (plugin 'protonet') refused its settings: protonet: lr must be positive" \
+        in one_error_line(err)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_out_that_is_a_file_is_refused(capsys, tmp_path):
     target = tmp_path / "taken"
     target.write_text("keep me")
