@@ -7,6 +7,11 @@ Each learner also runs with ``GLIBC_TUNABLES`` raising glibc's mmap and trim thr
 tensor memory stays in the heap instead of being unmapped and faulted in again on the next
 allocation), to measure what that does to a whole run.
 Run it on a quiet machine: it takes a few minutes per learner and repetition.
+
+``--from-results DIR ...`` runs nothing: it tabulates the ``timing`` of result files already
+written by ``metabench run --budget quick`` (e.g. the leaderboard grid, ``leaderboards/results``),
+per learner: the median meta-training and evaluation seconds over the seeds found, with the
+threads each run used and its commit. Process start-up is not in those files.
 """
 from __future__ import annotations
 
@@ -63,13 +68,50 @@ def one_run(learner: str, task: str, budget: str, episodes: int | None, out: Pat
             "command": " ".join(["metabench"] + cmd[3:]).replace(str(out), "DIR")}
 
 
+def from_results(args) -> None:
+    """Tabulate the timing of stored quick-budget results of ``args.task`` (no runs)."""
+    runs: dict[str, list[dict]] = {}
+    for folder in args.from_results:
+        for path in sorted(Path(folder).glob("**/*.json")):
+            try:
+                doc = json.loads(path.read_text())
+                if doc["task"]["name"] != args.task or doc["budget"] != "quick":
+                    continue
+                runs.setdefault(doc["learner"]["name"], []).append(doc)
+            except (KeyError, TypeError, ValueError):
+                continue
+    if not runs:
+        raise SystemExit(f"bench_end_to_end: no quick-budget {args.task} results under {', '.join(args.from_results)}")
+    rows, data = [], {}
+    for name in sorted(runs):
+        docs = runs[name]
+        train = statistics.median(d["timing"]["meta_train_s"] for d in docs)
+        evaluate = statistics.median(d["timing"]["eval_s"] for d in docs)
+        episodes = docs[0]["task"]["episodes"]
+        threads = sorted({d["environment"]["threads"] for d in docs})
+        commits = sorted({(d["environment"].get("git_commit") or "?")[:7] for d in docs})
+        rows.append([name, str(len(docs)), f"{train:.0f}", f"{evaluate:.1f}", f"{train + evaluate:.0f}",
+                     f"{episodes / evaluate:.0f}", "/".join(map(str, threads)), ", ".join(commits)])
+        data[name] = [{"seed": d["seed"], **d["timing"], "threads": d["environment"]["threads"]} for d in docs]
+    md = [f"Stored results of `metabench run --learner LEARNER --task {args.task} --budget quick --seed S` under "
+          f"{', '.join(f'`{f}`' for f in args.from_results)} (nothing rerun): medians over the seeds found, seconds. "
+          "Process start-up (interpreter, torch, plugins, data cache) is not included.", "",
+          common.table(["learner", "runs", "meta-train s", "evaluate s", "train + evaluate s", "eval episodes/s",
+                        "threads", "commit"], rows)]
+    common.emit(args, f"5. End to end ({args.task}, budget quick, from stored results)", "\n".join(md), data)
+
+
 def main(argv=None) -> None:
     parser = common.arg_parser(__doc__.splitlines()[0], reps=1)
     parser.add_argument("--task", default="kanji-5w1s")
+    parser.add_argument("--from-results", nargs="+", metavar="DIR",
+                        help="tabulate the timing of stored result files instead of running")
     parser.add_argument("--learners", nargs="+", help="learners to run (default: every registered "
                         "classification learner; with 12 of them and two malloc settings that is over an hour)")
     parser.add_argument("--no-malloc-variant", action="store_true", help="skip the GLIBC_TUNABLES runs")
     args = common.parse(parser, argv)
+    if args.from_results:
+        return from_results(args)
     budget, episodes = ("smoke", 2) if args.quick else ("quick", None)
     names = ["protonet"] if args.quick else (args.learners or learners())
     modes = {"default": None}

@@ -62,6 +62,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, help="repetitions for every benchmark (default: each script's own)")
     p.add_argument("--out", type=Path, help="where to write the markdown (default benchmarks/RESULTS.md)")
     p.add_argument("--learners", nargs="+", help="end to end: only these learners (default: all registered)")
+    p.add_argument("--end-to-end-from", nargs="+", metavar="DIR",
+                   help="end to end: tabulate stored quick-budget results (e.g. leaderboards/results) instead of running")
     args = p.parse_args(argv)
     out = args.out or (None if args.quick else HERE / "RESULTS.md")
     names = args.only or list(BENCHMARKS)
@@ -85,6 +87,8 @@ def main(argv=None) -> int:
                 cmd += ["--reps", str(args.reps)]
             if name == "end_to_end" and args.learners:
                 cmd += ["--learners", *args.learners]
+            if name == "end_to_end" and args.end_to_end_from:
+                cmd += ["--from-results", *args.end_to_end_from]
             before = common.load_average()
             section_start = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
             t0 = time.perf_counter()

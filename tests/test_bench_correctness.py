@@ -129,6 +129,23 @@ def test_benchmark_scripts_run_quick(tmp_path):
         assert doc["markdown"].startswith("## ")
 
 
+def test_end_to_end_tabulates_stored_results(tmp_path):
+    """--from-results reads result files only: per learner, the median of the stored timings."""
+    for seed, (train, evaluate) in enumerate([(10.0, 2.0), (30.0, 4.0), (20.0, 3.0)]):
+        doc = {"task": {"name": "kanji-5w1s", "episodes": 600}, "budget": "quick", "seed": seed,
+               "learner": {"name": "toy"}, "timing": {"meta_train_s": train, "eval_s": evaluate},
+               "environment": {"threads": 1, "git_commit": "abcdef0123"}}
+        (tmp_path / f"r{seed}.json").write_text(json.dumps(doc))
+    (tmp_path / "other.json").write_text(json.dumps({**doc, "budget": "smoke", "learner": {"name": "skipped"}}))
+    out = tmp_path / "section.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_end_to_end.py"), "--from-results",
+                           str(tmp_path), "--json", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    markdown = json.loads(out.read_text())["markdown"]
+    assert "| toy | 3 | 20 | 3.0 | 23 | 200 | 1 | abcdef0 |" in markdown
+    assert "skipped" not in markdown
+
+
 # ----------------------------------------------------------------------------- the maml learner's options
 
 
