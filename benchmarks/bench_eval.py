@@ -4,8 +4,9 @@ The harness evaluates one episode at a time: ``learner.predict(support_x, suppor
 under ``torch.no_grad()``. Variants (episodes materialised beforehand; only prediction is timed):
 
 ProtoNet (conv4-64, kanji-5w5s: 25 support + 75 query images per episode, eval-mode BatchNorm)
-* eager:            ``ProtoNet.predict``, one episode per forward (the harness today)
-* channels_last:    the same with the network and images in channels_last
+* eager:            one episode per forward, network and images contiguous (the harness
+                    before channels_last)
+* channels_last (ProtoNet.predict): the harness today, network and images in channels_last
 * torch.compile:    ``torch.compile(net)``; its figure counts the compile: ``episodes`` episodes
                     (the protocol's 600) / (cold compile time + their time); steady state also shown
 * batched xB:       B episodes' images in one forward, prototypes per episode
@@ -90,12 +91,13 @@ def protonet_variants(learner, protocol):
     from metabench_plugins.protonet import prototype_logits
 
     ways = protocol.ways
-    net = learner.net.eval()
-    cl_net = __import__("copy").deepcopy(net).to(memory_format=torch.channels_last)
+    # ProtoNet.predict runs in channels_last (it converts learner.net on first use): the eager
+    # baseline is a contiguous copy taken before, one episode per forward as the harness did.
+    net = __import__("copy").deepcopy(learner.net).eval()
 
-    def channels_last(sx, sy, qx):
-        x = torch.cat([sx, qx]).contiguous(memory_format=torch.channels_last)
-        emb = cl_net(x)
+    def eager(sx, sy, qx):
+        with torch.no_grad():
+            emb = net(torch.cat([sx, qx]))
         return prototype_logits(emb[:sx.shape[0]], sy, emb[sx.shape[0]:], ways)
 
     def batched(eps):
@@ -112,7 +114,7 @@ def protonet_variants(learner, protocol):
             return prototype_logits(emb[:sx.shape[0]], sy, emb[sx.shape[0]:], ways)
         return predict
 
-    return {"eager": learner.predict, "channels_last": channels_last}, batched, make_compiled
+    return {"eager": eager, "channels_last (ProtoNet.predict)": learner.predict}, batched, make_compiled
 
 
 # ----------------------------------------------------------------------------- MAML
