@@ -145,8 +145,11 @@ class RichProgress:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .malloc import tune_glibc_malloc
     from .results import write_result
     from .runner import PluginFailed, RunRequest, execute, prepare
+
+    tune_glibc_malloc()  # freed activations stay in the heap: about 2x faster evaluation (metabench/malloc.py)
 
     toml = read_toml(args.config) if args.config else {}
     opts = dict(DEFAULTS)

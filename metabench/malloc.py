@@ -1,0 +1,41 @@
+"""Keep freed tensor memory in the heap instead of returning it to the OS after every episode.
+
+glibc serves allocations above its mmap threshold (dynamic, at most 32 MiB on 64-bit) with fresh
+``mmap`` calls and unmaps them on free, and trims the heap top above its trim threshold. A test
+episode's activations (conv4-64 on 100 images of 28 px: about 20 MB per layer) are allocated and
+freed on every call, so each episode pays for new pages and their zeroing again. Raising both
+thresholds, as ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...:glibc.malloc.trim_threshold=...``
+would, made ProtoNet evaluation about 2x faster and far less erratic on a 2-core CPU
+(benchmarks/RESULTS.md, section 4). Numerics are unaffected; only the process's resident memory
+stays nearer its peak.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's largest allowed mmap threshold on 64-bit
+TRIM_THRESHOLD = 1 << 31
+
+
+def tune_glibc_malloc() -> bool:
+    """Raise glibc's mmap and trim thresholds in this process; True if applied.
+
+    Does nothing (False) off Linux/glibc, when ``METABENCH_MALLOC=default``, or when
+    ``GLIBC_TUNABLES`` already sets malloc options (the user's choice wins).
+    """
+    if os.environ.get("METABENCH_MALLOC", "") == "default" or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
