@@ -224,7 +224,12 @@ def measure(name, learner_variants, episodes, n_total, reps, compile_too, batch=
 def main(argv=None) -> None:
     parser = common.arg_parser(__doc__.splitlines()[0], reps=5)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (it takes ~20 s per model)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc thresholds alone (metabench run raises them: metabench/malloc.py)")
     args = common.parse(parser, argv)
+    from metabench.malloc import tune_glibc_malloc
+
+    tuned = False if args.default_malloc else tune_glibc_malloc()
     n = 4 if args.quick else 50
     width = 4 if args.quick else 64
     compile_too = not args.no_compile and not args.quick
@@ -244,7 +249,9 @@ def main(argv=None) -> None:
     data["maml"] = d
     md = [f"Test episodes per second, conv4-{width}, {n} episodes per repetition, median of {args.reps} "
           "interleaved repetitions; 'vs eager' per repetition then median; 'same argmax': share of queries predicted "
-          "as by eager; 'max |dlogit|': largest logit difference from eager.", "",
+          "as by eager; 'max |dlogit|': largest logit difference from eager. glibc malloc thresholds "
+          + ("raised for every variant, as `metabench run` does (metabench/malloc.py)." if tuned else
+             "left at glibc's defaults."), "",
           common.table(["learner", "variant", "episodes/s", "spread", "vs eager", "same argmax", "max |dlogit|"], rows)]
     if not compile_too:
         md += ["", "- torch.compile skipped (--quick or --no-compile)."]
