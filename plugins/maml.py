@@ -219,8 +219,7 @@ class MAML(Learner):
         name = type(self).__name__.lower()
         check_counts(name, c, ("meta_steps", "meta_batch", "inner_steps", "eval_inner_steps",
                                "train_shots", "train_queries"))
-        if not c.inner_lr >= 0:
-            raise ValueError(f"{name}: inner_lr must be non-negative, got {c.inner_lr!r}")
+        self.check_step_sizes(name)
         defaults = dict(self.problem_defaults[p.problem])
         if c.train_shots == 0:
             c.train_shots = p.shots
@@ -229,6 +228,11 @@ class MAML(Learner):
         resolve_problem_defaults(c, defaults)
         check_counts(name, c, (), positive=("meta_batch", "train_shots", "train_queries"))
         self.check_meta_gradient_options(name)
+
+    def check_step_sizes(self, name: str) -> None:
+        """Reject an inner-loop step size that is not a non-negative number."""
+        if not self.config.inner_lr >= 0:
+            raise ValueError(f"{name}: inner_lr must be non-negative, got {self.config.inner_lr!r}")
 
     def check_meta_gradient_options(self, name: str) -> None:
         """Reject combinations of ``task_batching``, ``per_task_backward`` and ``inner_checkpoint`` that do not exist."""

@@ -27,7 +27,7 @@ from torch import nn
 
 from metabench import hookimpl
 
-from .maml import CONFIGS, MAML, adapt, check_counts, maml_meta_loss, resolve_problem_defaults
+from .maml import CONFIGS, MAML, adapt, maml_meta_loss
 
 
 @dataclass
@@ -94,20 +94,11 @@ class MetaSGD(MAML):
             [nn.Parameter(torch.empty_like(p).uniform_(low, high) if high > low else torch.full_like(p, low))
              for p in self.model.parameters()])
 
-    def resolve_config(self) -> None:
-        c, p = self.config, self.protocol
-        check_counts("metasgd", c, ("meta_steps", "meta_batch", "inner_steps", "eval_inner_steps",
-                                    "train_shots", "train_queries"))
-        for name in ("alpha_init", "alpha_init_max"):
-            if not getattr(c, name) >= 0:
-                raise ValueError(f"metasgd: {name} must be non-negative, got {getattr(c, name)!r}")
-        defaults = dict(self.problem_defaults[p.problem])
-        if c.train_shots == 0:
-            c.train_shots = p.shots
-        if defaults.get("train_queries") == "shots":
-            defaults["train_queries"] = c.train_shots
-        resolve_problem_defaults(c, defaults)
-        check_counts("metasgd", c, (), positive=("meta_batch", "train_shots", "train_queries"))
+    def check_step_sizes(self, name: str) -> None:
+        """Meta-SGD learns its step sizes: check their initialisation range instead of inner_lr."""
+        for field in ("alpha_init", "alpha_init_max"):
+            if not getattr(self.config, field) >= 0:
+                raise ValueError(f"{name}: {field} must be non-negative, got {getattr(self.config, field)!r}")
 
     def step_sizes(self) -> dict:
         """alpha as a name -> tensor dict, aligned with :meth:`meta_params`."""
