@@ -3,11 +3,9 @@
 Variants, all drawing from the same images (kanji's training split; at 84 px its first classes
 upscaled to 3 x 84 x 84, miniImageNet's shape):
 
-* metabench:        ``ClassImageSource.draw`` (SplitMix64 in Python) + ``materialize`` (index_select
-                    on the uint8 split tensor, float, / 255): the harness's own path.
-* metabench-fast:   a prototype of the same path giving bit-identical draws and tensors
-                    (checked here): SplitMix64 inlined into one loop, one index_select for
-                    support and query, uint8 / 255 in one op. See RESULTS.md for the proposed diff.
+* metabench:        ``ClassImageSource.draw`` (SplitMix64 in Python, inlined in ``sample``) +
+                    ``materialize`` (one index_select on the uint8 split tensor for support and
+                    query, / 255 to float32): the harness's own path.
 * per-image:        the same draws, then a list of PIL images, torchvision ``ToTensor`` per image,
                     ``torch.stack`` (the common Dataset + DataLoader style, without workers).
 * learn2learn:      ``TaskDataset`` over a ``MetaDataset`` of the same PIL images with
@@ -28,10 +26,9 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from metabench.rng import SplitMix64  # noqa: E402
-from metabench.task import ClassImageSource, Episode, EpisodeDraw  # noqa: E402
+from metabench.task import ClassImageSource, Episode  # noqa: E402
 
 WAYS, SHOTS, QUERIES = 5, 5, 15
-_MASK = (1 << 64) - 1
 
 
 class ArraySource(ClassImageSource):
@@ -66,75 +63,6 @@ def kanji_images(size: int, classes: int | None) -> torch.Tensor:
     return torch.cat(out).contiguous()
 
 
-# ----------------------------------------------------------------------------- prototype
-def fast_draw(source: ClassImageSource, rng: SplitMix64, split: str, ways: int, shots: int, queries: int) -> EpisodeDraw:
-    """``source.draw`` with the SplitMix64 stream inlined: the same draw, the same final rng state."""
-    sizes, offsets = source.class_sizes(split), source.offsets(split)
-    state = rng._state
-    per = shots + queries
-
-    def sample(n: int, k: int) -> list[int]:
-        nonlocal state
-        pool = list(range(n)) if k * 4 >= n else None  # dense pool when most of range(n) is drawn
-        swapped: dict[int, int] = {}
-        out = []
-        for i in range(k):
-            m = n - i
-            limit = ((1 << 64) // m) * m
-            while True:  # below(m), inlined
-                state = (state + 0x9E3779B97F4A7C15) & _MASK
-                z = state
-                z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-                z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
-                z ^= z >> 31
-                if z < limit:
-                    break
-            j = i + z % m
-            if pool is not None:
-                out.append(pool[j])
-                pool[j] = pool[i]
-            else:
-                out.append(swapped.get(j, j))
-                swapped[j] = swapped.get(i, i)
-        return out
-
-    classes = sample(len(sizes), ways)
-    support, query = [], []
-    for c in classes:
-        if sizes[c] < per:
-            raise ValueError(f"class {c} has {sizes[c]} examples; {per} needed")
-        base = offsets[c]
-        picks = sample(sizes[c], per)
-        support += [base + j for j in picks[:shots]]
-        query += [base + j for j in picks[shots:]]
-    rng._state = state
-    return EpisodeDraw(tuple(classes), tuple(support), tuple(query))
-
-
-def fast_materialize(images: torch.Tensor, draw: EpisodeDraw) -> Episode:
-    """``materialize`` with one index_select and one conversion op (identical values)."""
-    ways = len(draw.classes)
-    n_support = len(draw.support)
-    x = torch.div(images.index_select(0, torch.tensor(draw.support + draw.query)), 255.0)
-    labels = torch.arange(ways)
-    return Episode(x[:n_support], labels.repeat_interleave(n_support // ways), x[n_support:],
-                   labels.repeat_interleave(len(draw.query) // ways))
-
-
-def check_prototype(source: ClassImageSource, n: int = 200) -> None:
-    """The prototype must give the same draws, rng states and tensors as metabench's path."""
-    a, b = SplitMix64(12345), SplitMix64(12345)
-    images = source.images("train")
-    for _ in range(n):
-        da, db = source.draw(a, "train", WAYS, SHOTS, QUERIES), fast_draw(source, b, "train", WAYS, SHOTS, QUERIES)
-        if da != db or a._state != b._state:
-            raise AssertionError("fast_draw differs from ClassImageSource.draw")
-    ea, eb = source.materialize(da, "train"), fast_materialize(images, db)
-    for name in ("support_x", "support_y", "query_x", "query_y"):
-        if not torch.equal(getattr(ea, name), getattr(eb, name)) or getattr(ea, name).dtype != getattr(eb, name).dtype:
-            raise AssertionError(f"fast_materialize differs in {name}")
-
-
 # ----------------------------------------------------------------------------- variants
 def make_variants(source: ClassImageSource, n_fast: int, n_slow: int, l2l) -> tuple[dict, list[str]]:
     from PIL import Image
@@ -142,16 +70,12 @@ def make_variants(source: ClassImageSource, n_fast: int, n_slow: int, l2l) -> tu
 
     images = source.images("train")
     notes = []
-    rng_a, rng_b, rng_c, rng_d, rng_e = (SplitMix64(s) for s in (1, 2, 3, 4, 5))
+    rng_a, rng_c, rng_d, rng_e = (SplitMix64(s) for s in (1, 3, 4, 5))
     draws_for_materialize = [source.draw(SplitMix64(99 + i), "train", WAYS, SHOTS, QUERIES) for i in range(n_fast)]
 
     def metabench():
         for _ in range(n_fast):
             source.materialize(source.draw(rng_a, "train", WAYS, SHOTS, QUERIES), "train")
-
-    def metabench_fast():
-        for _ in range(n_fast):
-            fast_materialize(images, fast_draw(source, rng_b, "train", WAYS, SHOTS, QUERIES))
 
     def draw_only():
         for _ in range(n_fast):
@@ -178,7 +102,6 @@ def make_variants(source: ClassImageSource, n_fast: int, n_slow: int, l2l) -> tu
 
     variants = {
         "metabench": (metabench, n_fast),
-        "metabench-fast": (metabench_fast, n_fast),
         "draw only": (draw_only, n_fast),
         "materialize only": (materialize_only, n_fast),
         "per-image (PIL + ToTensor)": (per_image, n_slow),
@@ -246,7 +169,6 @@ def main(argv=None) -> None:
     for size, classes in sizes:
         source = ArraySource(kanji_images(size, classes), per_class=20)
         source.prepare("train")
-        check_prototype(source, n=20 if args.quick else 500)
         variants, v_notes = make_variants(source, n_fast, n_slow, l2l)
         notes += v_notes
         result = common.interleaved(variants, reps=args.reps)
@@ -258,7 +180,6 @@ def main(argv=None) -> None:
         data[f"{size}px"] = {n: {"episodes_per_s": result.rate(n), "times_s": result.times[n],
                                  "episodes_per_rep": result.work[n]} for n in variants}
         data[f"{size}px"]["ratios"] = {f"metabench/{n}": result.ratio(base, n) for n in variants if n != base}
-        data[f"{size}px"]["ratios"]["metabench-fast/metabench"] = result.ratio("metabench-fast", base)
         data[f"{size}px"]["images"] = list(source.images("train").shape)
         profiles[size] = profile_draw(source, 200 if args.quick else 2000)
     md = [f"5-way {SHOTS}-shot {QUERIES}-query episodes per second (median of {args.reps} interleaved "
