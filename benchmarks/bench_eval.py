@@ -51,26 +51,30 @@ def episodes_of(protocol_name: str, n: int):
     return protocol, [source.materialize(d, protocol.eval_split) for d in draws]
 
 
-def protonet_learner(protocol, width: int):
+def protonet_learner(protocol, width: int, device: str = "cpu"):
     from metabench_plugins.conv4 import conv4
     from metabench_plugins.protonet import ProtoNet, ProtoNetConfig
 
     torch.manual_seed(0)
-    learner = ProtoNet(ProtoNetConfig(), conv4(1, protocol.image_size, width=width), protocol, torch.device("cpu"))
+    backbone = conv4(1, protocol.image_size, width=width)
+    backbone.module.to(device)
+    learner = ProtoNet(ProtoNetConfig(), backbone, protocol, torch.device(device))
     # Non-trivial running statistics, as after training (eval mode uses them).
     learner.net.train()
     with torch.no_grad():
         for _ in range(3):
-            learner.net(torch.rand(64, 1, protocol.image_size, protocol.image_size))
+            learner.net(torch.rand(64, 1, protocol.image_size, protocol.image_size, device=device))
     return learner
 
 
-def maml_learner(protocol, width: int):
+def maml_learner(protocol, width: int, device: str = "cpu"):
     from metabench_plugins.conv4 import conv4
     from metabench_plugins.maml import MAML, MAMLConfig
 
     torch.manual_seed(0)
-    return MAML(MAMLConfig(), conv4(1, protocol.image_size, width=width), protocol, torch.device("cpu"))
+    backbone = conv4(1, protocol.image_size, width=width)
+    backbone.module.to(device)
+    return MAML(MAMLConfig(), backbone, protocol, torch.device(device))
 
 
 def run_predict(predict, episodes):

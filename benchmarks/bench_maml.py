@@ -30,8 +30,8 @@ WAYS, SHOTS, QUERIES, META_BATCH, INNER_LR = 5, 1, 15, 4, 0.1
 TOLERANCE = 1e-5
 
 
-def make_setup(size: int, width: int, channels: int, classes: int, seed: int = 0):
-    """A template model and META_BATCH tasks from kanji images (upscaled beyond 28 px)."""
+def make_setup(size: int, width: int, channels: int, classes: int, seed: int = 0, meta_batch: int = META_BATCH):
+    """A template model and ``meta_batch`` tasks from kanji images (upscaled beyond 28 px)."""
     from benchmarks.bench_episodes import ArraySource, kanji_images
 
     images = kanji_images(size, classes)
@@ -39,7 +39,7 @@ def make_setup(size: int, width: int, channels: int, classes: int, seed: int = 0
         images = images[:, :1].expand(-1, channels, -1, -1).contiguous()
     source = ArraySource(images, per_class=20)
     rng = SplitMix64(seed)
-    tasks = [source.materialize(source.draw(rng, "train", WAYS, SHOTS, QUERIES), "train") for _ in range(META_BATCH)]
+    tasks = [source.materialize(source.draw(rng, "train", WAYS, SHOTS, QUERIES), "train") for _ in range(meta_batch)]
     torch.manual_seed(seed)
     backbone = conv4(channels, size, width=width)
     template = batch_statistics_only(nn.Sequential(backbone.module, nn.Linear(backbone.out_features, WAYS)))
