@@ -57,6 +57,14 @@ class TrainSampler:
         """The next training episode, on the run's device."""
         return self.source.materialize(self.draw(ways, shots, queries), self.split).to(self.device)
 
+    def sample_many(self, n: int, ways: int | None = None, shots: int | None = None,
+                    queries: int | None = None) -> list[Episode]:
+        """The next ``n`` training episodes, on the run's device: the same episodes, in the same
+        order, as ``n`` calls of :meth:`sample` (drawn one after another from the stream), with
+        their images gathered and scaled in one operation (``DataSource.materialize_many``)."""
+        draws = [self.draw(ways, shots, queries) for _ in range(n)]
+        return [e.to(self.device) for e in self.source.materialize_many(draws, self.split)]
+
     def __iter__(self) -> Iterator[Episode]:
         while True:
             yield self.sample()

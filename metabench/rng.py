@@ -7,8 +7,15 @@ generator whose stream may change between releases.
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
+from typing import Sequence
+
+import numpy as np
 
 _MASK = (1 << 64) - 1
+_GAMMA = 0x9E3779B97F4A7C15
+#: below this many draws, :meth:`SplitMix64.samples` stays in plain Python (NumPy's per-call cost wins)
+_VECTOR_MIN = 24
 
 
 def derive_seed(*parts: object) -> int:
@@ -76,3 +83,67 @@ class SplitMix64:
                 swapped[j] = swapped.get(i, i)
         self._state = state
         return out
+
+    def samples(self, requests: Sequence[tuple[int, int]], starts: Sequence[int] | None = None) -> list[list[int]]:
+        """``[self.sample(n, k) for n, k in requests]``: the same lists and stream position
+        (with ``starts``, request r's picks are shifted by ``starts[r]``).
+
+        The SplitMix64 output at stream position p is a pure function of ``state + p * gamma``,
+        and a rejection in :meth:`below` has probability below n / 2**64, so every output of
+        all the requests is mixed at once in NumPy uint64 arithmetic (which wraps modulo 2**64
+        as the Python code masks). If any output falls in a rejection zone (checked
+        conservatively), the requests are drawn one by one by :meth:`sample` instead, which
+        consumes the stream exactly as the definition says. Only the swaps of the partial
+        Fisher-Yates stay in Python.
+        """
+        total = 0
+        for n, k in requests:
+            if not 0 <= k <= n:
+                raise ValueError(f"cannot draw {k} distinct items from {n}")
+            total += k
+        if total < _VECTOR_MIN:
+            return self._one_by_one(requests, starts)
+        bounds, limits, firsts = _bounds(tuple(requests))
+        with np.errstate(over="ignore"):
+            z = np.arange(1, total + 1, dtype=np.uint64) * np.uint64(_GAMMA) + np.uint64(self._state)
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            z ^= z >> np.uint64(31)
+        if not bool((z < limits).all()):  # about one episode in 10**15: take the exact slow path
+            return self._one_by_one(requests, starts)
+        js = (z % bounds + firsts).tolist()  # the swap partner of each pick: i + below(n - i)
+        self._state = (self._state + total * _GAMMA) & _MASK
+        out, pos = [], 0
+        for r, (n, k) in enumerate(requests):
+            start = starts[r] if starts is not None else 0
+            if 4 * k >= n:
+                pool = list(range(start, start + n))
+                picks = []
+                for i, j in enumerate(js[pos:pos + k]):
+                    picks.append(pool[j])
+                    pool[j] = pool[i]
+            else:
+                swapped: dict[int, int] = {}
+                picks = []
+                for i, j in enumerate(js[pos:pos + k]):
+                    picks.append(swapped.get(j, j) + start)
+                    swapped[j] = swapped.get(i, i)
+            out.append(picks)
+            pos += k
+        return out
+
+    def _one_by_one(self, requests, starts) -> list[list[int]]:
+        out = [self.sample(n, k) for n, k in requests]
+        if starts is not None:
+            out = [[start + j for j in picks] for start, picks in zip(starts, out)]
+        return out
+
+
+@lru_cache(maxsize=256)
+def _bounds(requests: tuple[tuple[int, int], ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per draw of ``requests``: the bound m = n - i of :meth:`SplitMix64.below`, a conservative
+    acceptance limit ``(2**64 - 1) // m * m`` (at most the exact limit, which is ``2**64 // m * m``;
+    the two differ only when m is a power of two), and the draw's index i within its request."""
+    m = np.concatenate([np.arange(n, n - k, -1, dtype=np.uint64) for n, k in requests])
+    i = np.concatenate([np.arange(k, dtype=np.uint64) for _, k in requests])
+    return m, (np.uint64(_MASK) // m) * m, i

@@ -147,10 +147,13 @@ class MAMLConfig:
                       K = 10 and fine-tuned it with K = 5 and 10 at test time)
     train_queries:    queries per class (regression: query points) in training tasks (the
                       published code used as many as shots, except 15 on mini-ImageNet)
-    task_batching:    "loop" (default): the meta-batch's tasks one after another; "vmap": all tasks
-                      in one ``torch.func.vmap`` with per-task BatchNorm statistics (the same
-                      meta-gradient; for GPUs, where a per-task loop is launch-bound; on a 2-core
-                      CPU it measured 1.8-3x slower, benchmarks/RESULTS.md)
+    task_batching:    "loop": the meta-batch's tasks one after another; "vmap": all tasks in one
+                      ``torch.func.vmap`` with per-task BatchNorm statistics (the same
+                      meta-gradient; on an H200 GPU 1.8-2.1x the loop's tasks/s at meta-batch 4 and
+                      13x at 32; on a 2-core CPU 1.8-3x slower: benchmarks/RESULTS.md); "auto"
+                      (default): "vmap" on a CUDA device, "loop" elsewhere and whenever
+                      per_task_backward or inner_checkpoint is set or a subclass computes its own
+                      meta-loss (the result records which one ran)
     per_task_backward: differentiate each task's query loss as soon as its inner loop is done,
                       so one task's graph is alive at a time instead of the meta-batch's (the
                       same meta-gradient, less memory)
@@ -169,12 +172,12 @@ class MAMLConfig:
     first_order: bool = False
     train_shots: int = 0
     train_queries: int = 0
-    task_batching: str = "loop"
+    task_batching: str = "auto"
     per_task_backward: bool = False
     inner_checkpoint: bool = False
 
 
-TASK_BATCHING = ("loop", "vmap")
+TASK_BATCHING = ("auto", "loop", "vmap")
 
 
 class MAML(Learner):
@@ -244,6 +247,10 @@ class MAML(Learner):
         for option in ("per_task_backward", "inner_checkpoint"):
             if not isinstance(getattr(c, option), bool):
                 raise ValueError(f"{name}: {option} must be true or false, got {getattr(c, option)!r}")
+        if c.task_batching == "auto":
+            own_meta_loss = type(self).meta_loss is MAML.meta_loss
+            batched = torch.device(self.device).type == "cuda" and own_meta_loss and not (c.per_task_backward or c.inner_checkpoint)
+            c.task_batching = "vmap" if batched else "loop"
         special = c.task_batching != "loop" or c.per_task_backward or c.inner_checkpoint
         if special and type(self).meta_loss is not MAML.meta_loss:
             raise ValueError(f"{name}: task_batching, per_task_backward and inner_checkpoint are MAML's options; "
@@ -261,8 +268,7 @@ class MAML(Learner):
     def sample_tasks(self, ctx) -> list:
         """``meta_batch`` training episodes of the protocol's ways, ``train_shots`` and ``train_queries``."""
         c, p = self.config, self.protocol
-        return [ctx.sampler.sample(ways=p.ways, shots=c.train_shots, queries=c.train_queries)
-                for _ in range(c.meta_batch)]
+        return ctx.sampler.sample_many(c.meta_batch, ways=p.ways, shots=c.train_shots, queries=c.train_queries)
 
     def meta_loss(self, tasks) -> torch.Tensor:
         """The meta-loss of a meta-batch; its gradient is the meta-gradient of the optimised tensors."""

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from metabench import Learner, hookimpl
 from metabench.episodic import train_on_episodes
+from metabench.inference import InferenceNet
 
 from . import configs
 
@@ -86,7 +87,7 @@ class ProtoNet(Learner):
         if not config.lr > 0:
             raise ValueError(f"protonet: lr must be positive, got {config.lr!r}")
         self.net = backbone.module.to(device)
-        self._channels_last = False  # predict() converts the network once
+        self._inference = InferenceNet(self.net)  # predict()'s test-time copy, rebuilt when weights change
 
     def episode_logits(self, support_x, support_y, query_x, ways: int) -> torch.Tensor:
         """Embed support [S, C, H, W] and queries [Q, C, H, W] in one batch -> logits [Q, ways]."""
@@ -110,19 +111,14 @@ class ProtoNet(Learner):
     def predict(self, support_x, support_y, query_x):
         """support_x [S, C, H, W], support_y [S], query_x [Q, C, H, W] -> logits [Q, ways].
 
-        Images go through the network in channels_last memory format: on CPU, oneDNN's
-        convolutions, BatchNorm and max-pooling are about 2x faster that way, with the same
-        predictions (benchmarks/RESULTS.md, section 4).
+        The network runs as a test-time copy (:class:`metabench.inference.InferenceNet`):
+        BatchNorm folded into the convolutions and, on CPU, channels_last and a frozen TorchScript
+        graph; checked against the plain network on first use (benchmarks/RESULTS.md, section 4).
         """
         self.net.eval()  # running BatchNorm statistics: queries do not influence each other
-        if support_x.dim() == 4:
-            if not self._channels_last:
-                self.net.to(memory_format=torch.channels_last)
-                self._channels_last = True
-            support_x = support_x.contiguous(memory_format=torch.channels_last)
-            query_x = query_x.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
-            return self.episode_logits(support_x, support_y, query_x, self.protocol.ways)
+        emb = self._inference(torch.cat([support_x, query_x]))  # [S + Q, D]
+        n = support_x.shape[0]
+        return prototype_logits(emb[:n], support_y, emb[n:], self.protocol.ways)
 
 
 @hookimpl

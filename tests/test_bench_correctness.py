@@ -188,7 +188,7 @@ def test_maml_learner_options_give_the_loops_meta_gradient(problem, options):
 
 
 @pytest.mark.parametrize("options,message", [
-    (dict(task_batching="groups"), "task_batching must be one of loop, vmap"),
+    (dict(task_batching="groups"), "task_batching must be one of auto, loop, vmap"),
     (dict(task_batching="vmap", inner_checkpoint=True), "cannot be combined"),
     (dict(inner_checkpoint=True, first_order=True), "second-order"),
     (dict(per_task_backward="yes"), "true or false"),
@@ -196,3 +196,27 @@ def test_maml_learner_options_give_the_loops_meta_gradient(problem, options):
 def test_maml_learner_rejects_impossible_options(options, message):
     with pytest.raises(ValueError, match=message):
         learner_meta_grad("classification", **options)
+
+
+@pytest.mark.parametrize("learner_name,device,options,expected", [
+    ("maml", "cpu", {}, "loop"),
+    ("maml", "cuda", {}, "vmap"),
+    ("maml", "cuda", dict(per_task_backward=True), "loop"),
+    ("maml", "cuda", dict(inner_checkpoint=True), "loop"),
+    ("anil", "cuda", {}, "loop"),  # ANIL computes its own meta-loss
+    ("maml", "cpu", dict(task_batching="vmap"), "vmap"),
+])
+def test_task_batching_auto_picks_vmap_on_cuda_only(learner_name, device, options, expected):
+    """The default ``task_batching = "auto"`` resolves per device (checked without a GPU: the
+    resolution reads only ``learner.device``); what it resolved to is what the result records."""
+    from metabench_plugins.anil import ANIL
+    from metabench_plugins.kanji import protocols
+    from metabench_plugins.maml import MAML
+
+    cls = {"maml": MAML, "anil": ANIL}[learner_name]
+    protocol = next(p for p in protocols() if p.name == "kanji-5w1s")
+    learner = cls(cls.Config(**options), conv4(1, 28, width=4), protocol, torch.device("cpu"))
+    learner.config.task_batching = options.get("task_batching", "auto")
+    learner.device = torch.device(device)
+    learner.check_meta_gradient_options(learner_name)
+    assert learner.config.task_batching == expected

@@ -49,6 +49,69 @@ def test_sample_matches_the_plain_fisher_yates_definition():
         assert fast.next_u64() == slow.next_u64(), (seed, n, k)
 
 
+def test_samples_equals_one_sample_per_request():
+    """The vectorised ``samples`` gives exactly the picks and stream position of one ``sample``
+    per request, whether it takes the NumPy path (many draws) or the plain one (few)."""
+    import random
+
+    rnd = random.Random(0)
+    for _ in range(400):
+        seed = rnd.getrandbits(64)
+        requests = [(n, rnd.randint(0, n)) for n in (rnd.randint(1, 60) for _ in range(rnd.randint(1, 8)))]
+        starts = [rnd.randint(0, 1000) for _ in requests]
+        one, many = SplitMix64(seed), SplitMix64(seed)
+        expected = [[s + j for j in one.sample(n, k)] for (n, k), s in zip(requests, starts)]
+        assert many.samples(requests, starts) == expected, (seed, requests)
+        assert many.next_u64() == one.next_u64()
+    big = [(2**40, 30), (10**6, 3)]  # sparse draws from huge ranges, vectorised
+    one, many = SplitMix64(5), SplitMix64(5)
+    assert many.samples(big) == [one.sample(n, k) for n, k in big]
+
+
+def test_samples_takes_the_exact_path_when_an_output_may_be_rejected(monkeypatch):
+    """Force every vectorised output into the (conservative) rejection zone: the result must
+    still be the definition's, drawn one request at a time."""
+    import numpy as np
+
+    from metabench import rng as rng_module
+
+    original = rng_module._bounds
+
+    def no_limits(requests):
+        m, limits, first = original(requests)
+        return m, np.zeros_like(limits), first
+
+    monkeypatch.setattr(rng_module, "_bounds", no_limits)
+    requests = [(20, 20)] * 5
+    one, many = SplitMix64(9), SplitMix64(9)
+    assert many.samples(requests) == [one.sample(n, k) for n, k in requests]
+    assert many.next_u64() == one.next_u64()
+
+
+def test_materialize_many_equals_materializing_one_by_one():
+    source = TinySource()
+    rng = SplitMix64(3)
+    draws = [source.draw(rng, "train", 3, 2, 3) for _ in range(6)] + [source.draw(rng, "train", 4, 1, 2)]
+    many = source.materialize_many(draws, "train")
+    for d, got in zip(draws, many):
+        want = source.materialize(d, "train")
+        for a, b in zip((got.support_x, got.support_y, got.query_x, got.query_y),
+                        (want.support_x, want.support_y, want.query_x, want.query_y)):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+    many[0].support_y.add_(1)  # labels are each episode's own tensors
+    assert torch.equal(many[1].support_y, source.materialize(draws[1], "train").support_y)
+
+
+def test_sample_many_gives_the_episodes_sample_would():
+    one = TrainSampler(TINY, TinySource(), seed=4)
+    many = TrainSampler(TINY, TinySource(), seed=4)
+    expected = [one.sample() for _ in range(5)]
+    got = many.sample_many(5)
+    assert all(torch.equal(a.query_x, b.query_x) and torch.equal(a.support_y, b.support_y)
+               for a, b in zip(expected, got))
+    assert torch.equal(one.sample().support_x, many.sample().support_x)  # the streams stay in step
+
+
 def test_eval_draws_ignore_global_randomness():
     source = TinySource()
     torch.manual_seed(0)

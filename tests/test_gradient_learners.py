@@ -218,7 +218,8 @@ def test_maml_regression_meta_gradient_matches_finite_differences(steps):
 def fake_ctx(tasks):
     """A TrainContext stand-in whose sampler hands out ``tasks`` in order."""
     it, calls = iter(tasks), []
-    sampler = SimpleNamespace(sample=lambda ways=None, shots=None, queries=None: next(it))
+    sampler = SimpleNamespace(sample=lambda ways=None, shots=None, queries=None: next(it),
+                              sample_many=lambda n, ways=None, shots=None, queries=None: [next(it) for _ in range(n)])
     return SimpleNamespace(sampler=sampler, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"),
                            progress=lambda step, total, **m: calls.append((step, total, m))), calls
 

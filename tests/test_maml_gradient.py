@@ -191,7 +191,10 @@ def test_meta_train_smoke_updates_parameters_and_reports_progress(cls):
         return Episode(torch.rand(n_s, 1, 16, 16, generator=gen), labels.repeat_interleave(shots or SHOTS),
                        torch.rand(n_q, 1, 16, 16, generator=gen), labels.repeat_interleave(queries or QUERIES))
 
-    ctx = SimpleNamespace(sampler=SimpleNamespace(sample=sample), device=torch.device("cpu"),
+    def sample_many(n, ways=None, shots=None, queries=None):
+        return [sample(ways, shots, queries) for _ in range(n)]
+
+    ctx = SimpleNamespace(sampler=SimpleNamespace(sample=sample, sample_many=sample_many), device=torch.device("cpu"),
                           progress=lambda step, total, **m: calls.append((step, total, m)))
     learner.meta_train(ctx)
     steps = learner.config.meta_steps
