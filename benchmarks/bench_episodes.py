@@ -3,16 +3,21 @@
 Variants, all drawing from the same images (kanji's training split; at 84 px its first classes
 upscaled to 3 x 84 x 84, miniImageNet's shape):
 
-* metabench:        ``ClassImageSource.draw`` (SplitMix64 in Python, inlined in ``sample``) +
-                    ``materialize`` (one index_select on the uint8 split tensor for support and
-                    query, / 255 to float32): the harness's own path.
+* metabench:        ``ClassImageSource.draw`` (SplitMix64: a whole episode's outputs mixed at
+                    once in NumPy, the Fisher-Yates swaps in Python) + ``materialize`` (one
+                    index_select on the uint8 split tensor for support and query, / 255 to
+                    float32), one episode per call: ``TrainSampler.sample``.
+* metabench x32:    32 draws, then ``materialize_many`` (one gather and one scaling for all 32):
+                    ``TrainSampler.sample_many``, how MAML, ANIL and Meta-SGD take a meta-batch.
 * per-image:        the same draws, then a list of PIL images, torchvision ``ToTensor`` per image,
                     ``torch.stack`` (the common Dataset + DataLoader style, without workers).
 * learn2learn:      ``TaskDataset`` over a ``MetaDataset`` of the same PIL images with
                     ``FusedNWaysKShots`` + ``LoadData`` + ``RemapLabels`` + ``ConsecutiveLabels``
                     (learn2learn's own benchmark recipe), then the support/query split.
 
-Also measured: draw alone and materialize alone (where metabench's time goes).
+Also measured: draw alone and materialize alone (where metabench's time goes), and the memory
+floor: copying one episode's float32 images (``torch.Tensor.copy_`` of a same-sized block), the
+least any loader must do to hand over float32 images.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from metabench.rng import SplitMix64  # noqa: E402
 from metabench.task import ClassImageSource, Episode  # noqa: E402
 
 WAYS, SHOTS, QUERIES = 5, 5, 15
+BATCH = 32  # episodes per materialize_many call in the batched variant
 
 
 class ArraySource(ClassImageSource):
@@ -70,12 +76,23 @@ def make_variants(source: ClassImageSource, n_fast: int, n_slow: int, l2l) -> tu
 
     images = source.images("train")
     notes = []
-    rng_a, rng_c, rng_d, rng_e = (SplitMix64(s) for s in (1, 3, 4, 5))
+    rng_a, rng_b, rng_c, rng_d = (SplitMix64(s) for s in (1, 2, 3, 4))
     draws_for_materialize = [source.draw(SplitMix64(99 + i), "train", WAYS, SHOTS, QUERIES) for i in range(n_fast)]
 
     def metabench():
         for _ in range(n_fast):
             source.materialize(source.draw(rng_a, "train", WAYS, SHOTS, QUERIES), "train")
+
+    def metabench_batched():
+        for _ in range(n_fast // BATCH):
+            source.materialize_many([source.draw(rng_b, "train", WAYS, SHOTS, QUERIES) for _ in range(BATCH)], "train")
+
+    shape = (WAYS * (SHOTS + QUERIES), *images.shape[1:])
+    block, target = torch.rand(shape), torch.empty(shape)
+
+    def copy_floor():
+        for _ in range(n_fast):
+            target.copy_(block)
 
     def draw_only():
         for _ in range(n_fast):
@@ -102,8 +119,10 @@ def make_variants(source: ClassImageSource, n_fast: int, n_slow: int, l2l) -> tu
 
     variants = {
         "metabench": (metabench, n_fast),
+        f"metabench x{BATCH} (sample_many)": (metabench_batched, n_fast // BATCH * BATCH),
         "draw only": (draw_only, n_fast),
         "materialize only": (materialize_only, n_fast),
+        "floor: float32 copy of an episode": (copy_floor, n_fast),
         "per-image (PIL + ToTensor)": (per_image, n_slow),
     }
     if l2l is not None:
@@ -174,18 +193,24 @@ def main(argv=None) -> None:
         result = common.interleaved(variants, reps=args.reps)
         base = "metabench"
         for name in variants:
-            part = name in ("draw only", "materialize only")  # parts of metabench's path, not rivals
+            part = name in ("draw only", "materialize only") or name.startswith("floor")  # not rivals
+            batched = f"metabench x{BATCH} (sample_many)"
             rows.append([f"{size} px", name, common.fmt(result.rate(name)), f"{result.spread(name):.0%}",
-                         "-" if part else common.fmt(result.ratio(base, name))])
+                         "-" if part else common.fmt(result.ratio(base, name)),
+                         "-" if part else common.fmt(result.ratio(batched, name))])
         data[f"{size}px"] = {n: {"episodes_per_s": result.rate(n), "times_s": result.times[n],
                                  "episodes_per_rep": result.work[n]} for n in variants}
         data[f"{size}px"]["ratios"] = {f"metabench/{n}": result.ratio(base, n) for n in variants if n != base}
+        data[f"{size}px"]["ratios_batched"] = {f"metabench x{BATCH}/{n}": result.ratio(f"metabench x{BATCH} (sample_many)", n)
+                                               for n in variants}
         data[f"{size}px"]["images"] = list(source.images("train").shape)
         profiles[size] = profile_draw(source, 200 if args.quick else 2000)
     md = [f"5-way {SHOTS}-shot {QUERIES}-query episodes per second (median of {args.reps} interleaved "
           "repetitions; spread = (max - min) / median of the repetitions' rates; last column: metabench's "
-          "rate over the variant's, from the same repetitions).", "",
-          common.table(["size", "variant", "episodes/s", "spread", "metabench / variant"], rows), ""]
+          f"rate over the variant's, and the same for metabench's batched path (x{BATCH} episodes per call), from the "
+          "same repetitions).", "",
+          common.table(["size", "variant", "episodes/s", "spread", "metabench / variant",
+                        f"metabench x{BATCH} / variant"], rows), ""]
     for size, text in profiles.items():
         md += [f"cProfile of metabench's draw + materialize at {size} px (own time, top entries):", "",
                "```", text, "```", ""]

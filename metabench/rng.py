@@ -103,24 +103,31 @@ class SplitMix64:
             total += k
         if total < _VECTOR_MIN:
             return self._one_by_one(requests, starts)
-        bounds, limits, firsts = _bounds(tuple(requests))
+        bounds, safe_below, firsts, steps = _bounds(tuple(requests))
         with np.errstate(over="ignore"):
-            z = np.arange(1, total + 1, dtype=np.uint64) * np.uint64(_GAMMA) + np.uint64(self._state)
-            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-            z ^= z >> np.uint64(31)
-        if not bool((z < limits).all()):  # about one episode in 10**15: take the exact slow path
+            z = steps + np.uint64(self._state)  # the states after 1, 2, ..., total steps
+            t = z >> _S30
+            z ^= t
+            z *= _M1
+            np.right_shift(z, _S27, out=t)
+            z ^= t
+            z *= _M2
+            np.right_shift(z, _S31, out=t)
+            z ^= t
+        if z.max() >= safe_below:  # about one episode in 10**15: take the exact slow path
             return self._one_by_one(requests, starts)
-        js = (z % bounds + firsts).tolist()  # the swap partner of each pick: i + below(n - i)
+        z %= bounds
+        z += firsts
+        js = z.tolist()  # the swap partner of each pick: i + below(n - i)
         self._state = (self._state + total * _GAMMA) & _MASK
         out, pos = [], 0
         for r, (n, k) in enumerate(requests):
             start = starts[r] if starts is not None else 0
             if 4 * k >= n:
                 pool = list(range(start, start + n))
-                picks = []
+                picks = [0] * k
                 for i, j in enumerate(js[pos:pos + k]):
-                    picks.append(pool[j])
+                    picks[i] = pool[j]
                     pool[j] = pool[i]
             else:
                 swapped: dict[int, int] = {}
@@ -139,11 +146,20 @@ class SplitMix64:
         return out
 
 
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
 @lru_cache(maxsize=256)
-def _bounds(requests: tuple[tuple[int, int], ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per draw of ``requests``: the bound m = n - i of :meth:`SplitMix64.below`, a conservative
-    acceptance limit ``(2**64 - 1) // m * m`` (at most the exact limit, which is ``2**64 // m * m``;
-    the two differ only when m is a power of two), and the draw's index i within its request."""
+def _bounds(requests: tuple[tuple[int, int], ...]) -> tuple[np.ndarray, np.uint64, np.ndarray, np.ndarray]:
+    """For the draws of ``requests``: the bound m = n - i of each :meth:`SplitMix64.below`; a
+    value below which every output is accepted by every draw (``below(m)`` accepts all r below
+    ``2**64 // m * m``, which is at least ``2**64 - m``); each draw's index i within its request;
+    and the state increments ``p * gamma`` (mod 2**64) of stream positions p = 1, 2, ..."""
     m = np.concatenate([np.arange(n, n - k, -1, dtype=np.uint64) for n, k in requests])
     i = np.concatenate([np.arange(k, dtype=np.uint64) for _, k in requests])
-    return m, (np.uint64(_MASK) // m) * m, i
+    total = len(m)
+    with np.errstate(over="ignore"):
+        steps = np.arange(1, total + 1, dtype=np.uint64) * np.uint64(_GAMMA)
+    safe_below = np.uint64(_MASK - max(n for n, k in requests if k) + 1)  # 2**64 - max m
+    return m, safe_below, i, steps

@@ -78,8 +78,8 @@ def test_samples_takes_the_exact_path_when_an_output_may_be_rejected(monkeypatch
     original = rng_module._bounds
 
     def no_limits(requests):
-        m, limits, first = original(requests)
-        return m, np.zeros_like(limits), first
+        m, safe_below, first, steps = original(requests)
+        return m, np.uint64(0), first, steps
 
     monkeypatch.setattr(rng_module, "_bounds", no_limits)
     requests = [(20, 20)] * 5
