@@ -7,7 +7,8 @@ upscaled to 3 x 84 x 84, miniImageNet's shape):
                     once in NumPy, the Fisher-Yates swaps in Python) + ``materialize`` (one
                     index_select on the uint8 split tensor for support and query, / 255 to
                     float32), one episode per call: ``TrainSampler.sample``.
-* metabench x32:    32 draws, then ``materialize_many`` (one gather and one scaling for all 32):
+* metabench x32:    32 draws, then ``materialize_many`` (one gather and one scaling per block of at
+                    most 8 MiB of float32 images: 26 episodes at 28 px, one at 84 px):
                     ``TrainSampler.sample_many``, how MAML, ANIL and Meta-SGD take a meta-batch.
 * per-image:        the same draws, then a list of PIL images, torchvision ``ToTensor`` per image,
                     ``torch.stack`` (the common Dataset + DataLoader style, without workers).
@@ -15,7 +16,8 @@ upscaled to 3 x 84 x 84, miniImageNet's shape):
                     ``FusedNWaysKShots`` + ``LoadData`` + ``RemapLabels`` + ``ConsecutiveLabels``
                     (learn2learn's own benchmark recipe), then the support/query split.
 
-Also measured: draw alone and materialize alone (where metabench's time goes), and the memory
+Every variant runs with glibc's malloc thresholds raised, as in ``metabench run``
+(metabench/malloc.py). Also measured: draw alone and materialize alone (where metabench's time goes), and the memory
 floor: copying one episode's float32 images (``torch.Tensor.copy_`` of a same-sized block), the
 least any loader must do to hand over float32 images.
 """
@@ -181,6 +183,9 @@ def profile_draw(source: ClassImageSource, n: int) -> str:
 
 def main(argv=None) -> None:
     args = common.parse(common.arg_parser(__doc__.splitlines()[0], reps=7), argv)
+    from metabench.malloc import tune_glibc_malloc
+
+    tune_glibc_malloc()  # as `metabench run` does (metabench/malloc.py), for every variant alike
     l2l = common.peer("learn2learn")
     n_fast, n_slow = (50, 5) if args.quick else (2000, 40)
     sizes = [(28, 60), (84, 60)] if args.quick else [(28, None), (84, 600)]

@@ -65,14 +65,18 @@ def left(args) -> float:
     return args.deadline_s - (time.perf_counter() - STARTED)
 
 
-#: each section's share of the deadline: it starts no new measurement after its share is spent
-#: (cumulative fractions, in the order the sections run)
-SECTION_END = {"ceilings": 0.03, "maml": 0.45, "memory": 0.55, "eval": 0.72, "runs": 1.0}
+#: each section's share of the deadline (renormalised over the sections asked for); a section
+#: starts no new measurement once the shares of it and the sections before it are spent
+SECTION_SHARE = {"ceilings": 0.03, "maml": 0.42, "memory": 0.10, "eval": 0.17, "runs": 0.28}
+SECTIONS = tuple(SECTION_SHARE)
 
 
 def until(args, section: str) -> float:
     """Seconds left before ``section``'s share of the deadline ends."""
-    return SECTION_END[section] * args.deadline_s - (time.perf_counter() - STARTED)
+    chosen = [s for s in SECTIONS if s in args.sections]
+    total = sum(SECTION_SHARE[s] for s in chosen)
+    end = sum(SECTION_SHARE[s] for s in chosen[:chosen.index(section) + 1]) / total
+    return end * args.deadline_s - (time.perf_counter() - STARTED)
 
 
 def to_device(tasks, device):
@@ -382,7 +386,7 @@ def whole_runs(args) -> dict:
                      f"{r['timing']['eval_s']:.1f}", f"{r['mean']:.2%} ± {r['ci95']:.2%}", r["per_episode_sha256"]])
 
     smoke_episodes = 20 if args.quick else 100
-    jobs = [(learner, "a") for learner in learners] + [("protonet", "b")]
+    jobs = [(learner, "a") for learner in learners] + [("protonet", "b")] if args.smoke else []
     procs = {}
     t0 = time.perf_counter()
     for learner, tag in jobs:
@@ -416,25 +420,29 @@ def whole_runs(args) -> dict:
         data["protonet_repeat_identical"] = (data["smoke_again"]["per_episode_sha256"]
                                              == data["smoke"]["protonet"]["per_episode_sha256"])
     write_partial(args, "runs", data)
-    for learner in ([] if args.quick else ["protonet", "maml", "mtl"]):
+    for spec in ([] if args.quick else args.quick_runs):
+        learner, *settings = spec.split(":")
         if left(args) < 60:
-            data["notes"].append(f"{learner} quick: skipped (deadline)")
+            data["notes"].append(f"{spec} quick: skipped (deadline)")
             continue
-        folder = out_dir / f"{learner}-quick"
+        folder = out_dir / f"{spec.replace(':', '-').replace('=', '-')}-quick"
         t1 = time.perf_counter()
-        p = subprocess.Popen(command(learner, "quick", folder, None), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
+        cmd = command(learner, "quick", folder, None) + [a for kv in settings for a in ("--set", kv)]
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             p.wait(timeout=max(10, left(args) - 10))
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
-            data["notes"].append(f"{learner} quick: killed at the deadline")
+            data["notes"].append(f"{spec} quick: killed at the deadline")
             continue
-        r = collect(f"{learner} quick", p, folder, time.perf_counter() - t1)
+        r = collect(f"{spec} quick", p, folder, time.perf_counter() - t1)
         if r:
-            data["quick"][learner] = r
-            row(learner, "quick", r)
+            doc = json.loads(sorted(folder.glob("*.json"))[0].read_text())
+            r["task_batching"] = doc["learner"]["config"].get("task_batching")
+            data["quick"][spec] = r
+            label = spec + (f" (task_batching {r['task_batching']})" if r["task_batching"] else "")
+            row(label, "quick", r)
         write_partial(args, "runs", data)
     data["rows"] = rows
     return data
@@ -511,14 +519,19 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu for a dry run")
     p.add_argument("--deadline-s", type=float, default=420.0,
                    help="skip sections and runs that would start after this many seconds (default 420)")
-    p.add_argument("--only", nargs="+", choices=("ceilings", "maml", "memory", "eval", "runs"))
+    p.add_argument("--only", nargs="+", choices=SECTIONS)
+    p.add_argument("--no-smoke", dest="smoke", action="store_false",
+                   help="runs: skip the smoke runs of every learner")
+    p.add_argument("--quick-runs", nargs="*", default=["protonet", "maml", "mtl"], metavar="LEARNER[:KEY=VALUE]",
+                   help="runs: quick-budget runs, one at a time (default: protonet maml mtl)")
     args = common.parse(p, argv)
+    args.sections = tuple(args.only or SECTIONS)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"--device {args.device}: no CUDA device here; use --device cpu for a dry run", file=sys.stderr)
         return 2
     if args.quick:
         args.reps = min(args.reps, 2)
-    want = set(args.only or ("ceilings", "maml", "memory", "eval", "runs"))
+    want = set(args.sections)
     errors = {}
     c = {}
     if "ceilings" in want:
@@ -541,8 +554,13 @@ def main(argv=None) -> int:
         PARTIAL["errors"] = errors
     md = markdown(PARTIAL, gpu_machine(args.device))
     print(md)
-    if args.json:
-        doc = {"title": "GPU path", "markdown": md, "machine": gpu_machine(args.device), "sections": PARTIAL}
+    if args.json:  # the format of benchmarks/common.emit, so run_all.py can keep it as a section
+        doc = {"title": "6. GPU path", "markdown": f"## 6. GPU path\n\n{md.strip()}\n", "data": PARTIAL,
+               "machine": gpu_machine(args.device), "sections": PARTIAL,
+               "run": {"command": "bash benchmarks/gpu_run.sh " + " ".join(sys.argv[1:]),
+                       "started_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(time.time() - (time.perf_counter() - STARTED))),
+                       "seconds": round(time.perf_counter() - STARTED),
+                       "load_before": [float("nan")] * 3, "load_after": list(common.load_average())}}
         args.json.write_text(json.dumps(doc, indent=1, default=str))
     return 1 if errors else 0
 

@@ -34,12 +34,16 @@ BENCHMARKS = {
     "memory": "bench_memory.py",
     "eval": "bench_eval.py",
     "end_to_end": "bench_end_to_end.py",
+    "gpu": "bench_gpu.py",  # needs CUDA: on a GPU machine, benchmarks/gpu_run.sh; kept from its last run
 }
 HERE = Path(__file__).resolve().parent
 STORE = HERE / "results"
 
-GPU_NOTE = ("No GPU path was measured: this machine has no GPU (torch.cuda.is_available() is False). "
-            "Every figure here is CPU-only; nothing about CUDA speed follows from them.")
+GPU_NOTE = ("Sections 1-5 were measured on this CPU machine. Section 6 (GPU path) was measured on a lent "
+            "GPU machine with `benchmarks/gpu_run.sh` (its own hardware and software are listed there); "
+            "without CUDA, `run_all.py` keeps that section from its last run.")
+NO_GPU_NOTE = ("No GPU path was measured: no GPU was available (torch.cuda.is_available() is False). "
+               "Every figure here is CPU-only; nothing about CUDA speed follows from them.")
 
 
 def peer_versions() -> dict[str, str]:
@@ -66,7 +70,9 @@ def main(argv=None) -> int:
                    help="end to end: tabulate stored quick-budget results (e.g. leaderboards/results) instead of running")
     args = p.parse_args(argv)
     out = args.out or (None if args.quick else HERE / "RESULTS.md")
-    names = args.only or list(BENCHMARKS)
+    import torch
+
+    names = args.only or [n for n in BENCHMARKS if n != "gpu" or torch.cuda.is_available()]
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/run_all.py", *(argv or sys.argv[1:])])
     started = time.time()
     m = common.machine()
@@ -133,7 +139,7 @@ def main(argv=None) -> int:
             ["peers", ", ".join(f"{k} {v}" for k, v in peer_versions().items())],
         ]),
         "",
-        GPU_NOTE,
+        GPU_NOTE if "gpu" in docs else NO_GPU_NOTE,
         "",
         "Method: every figure is the median of several repetitions; the variants of one table run interleaved "
         "(round-robin, alternating order), and each ratio is computed per repetition within the same run, then "

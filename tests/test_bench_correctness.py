@@ -129,6 +129,22 @@ def test_benchmark_scripts_run_quick(tmp_path):
         assert doc["markdown"].startswith("## ")
 
 
+def test_gpu_benchmark_dry_runs_on_cpu(tmp_path):
+    """bench_gpu.py's every section at tiny sizes on the CPU (what runs on a lent GPU, minus CUDA):
+    its JSON is a run_all section, and a whole run through the CLI took part."""
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--device", "cpu", "--quick",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["markdown"].startswith("## 6. GPU path")
+    assert set(doc["data"]) >= {"ceilings", "maml", "eval", "runs"}
+    assert doc["data"]["runs"]["smoke"]["protonet"]["mean"] > 0
+    assert doc["data"]["maml"]["configs"]  # one configuration measured, meta-gradients checked
+    assert all(v < 1e-5 for cfg in doc["data"]["maml"]["configs"].values()
+               for v in cfg["meta_gradient_relative_difference"].values())
+
+
 def test_end_to_end_tabulates_stored_results(tmp_path):
     """--from-results reads result files only: per learner, the median of the stored timings."""
     for seed, (train, evaluate) in enumerate([(10.0, 2.0), (30.0, 4.0), (20.0, 3.0)]):

@@ -99,6 +99,15 @@ def test_materialize_many_equals_materializing_one_by_one():
                         (want.support_x, want.support_y, want.query_x, want.query_y)):
             assert a.dtype == b.dtype and torch.equal(a, b)
     many[0].support_y.add_(1)  # labels are each episode's own tensors
+    from metabench import task
+
+    small = task.MATERIALIZE_BLOCK_BYTES
+    try:  # blocks of at most two episodes' images: the groups split, the episodes stay the same
+        task.MATERIALIZE_BLOCK_BYTES = 2 * 11 * 16 * 16 * 4
+        for d, got in zip(draws[1:], source.materialize_many(draws[1:], "train")):
+            assert torch.equal(got.query_x, source.materialize(d, "train").query_x)
+    finally:
+        task.MATERIALIZE_BLOCK_BYTES = small
     assert torch.equal(many[1].support_y, source.materialize(draws[1], "train").support_y)
 
 
