@@ -6,6 +6,12 @@ float rounding. On CPU the folded network then runs in ``channels_last`` memory 
 TorchScript can freeze it, as a frozen graph whose oneDNN convolutions have their weights
 pre-packed and the ReLU fused in (``torch.jit.freeze`` + ``torch.jit.optimize_for_inference``).
 
+On a GPU the plain network runs unchanged: there a test episode's forward is bound by kernel
+launches rather than arithmetic, and with TF32 convolutions (PyTorch's default on CUDA) a folded
+network's output moves by about 1e-3 relative, too far for the check below. An H200 measured the
+folded form no faster (benchmarks/RESULTS.md, section 6); what pays there is several episodes per
+forward.
+
 Every faster form is checked against the plain eval-mode network on the first batch it sees; one
 that disagrees (or fails to build) is dropped for the next simpler one, so a backbone this module
 does not understand still runs, just unaccelerated. The copy is rebuilt whenever a parameter or
@@ -64,6 +70,7 @@ class InferenceNet:
     def __init__(self, net: nn.Module, allow_frozen: bool = True):
         self.net, self.allow_frozen = net, allow_frozen
         self.form, self._fn, self._signature = "plain", None, None
+        self.builds = 0  # how many times a test-time copy was built (once per set of weights)
 
     def _channels_last(self, x: torch.Tensor) -> bool:
         return x.dim() == 4 and x.device.type == "cpu"
@@ -105,8 +112,12 @@ class InferenceNet:
             return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.net.eval()
+        if x.device.type != "cpu":  # on a GPU the plain network runs: see the module docstring
+            with torch.no_grad():
+                return self.net(x)
         if self._fn is None or _weights_signature(self.net) != self._signature:
             self._build(x)
-        self.net.eval()
+            self.builds += 1
         with torch.no_grad():
             return self._fn(self._prepare(x, self._cl))

@@ -68,6 +68,19 @@ def test_inference_net_is_rebuilt_when_the_weights_change():
     after = fast(x)
     assert (after - before).abs().max() > 1e-3  # the step changed the function ...
     torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-5)  # ... and the copy followed
+    assert fast.builds == 2
+    for _ in range(3):
+        fast(x)
+    assert fast.builds == 2  # unchanged weights: no rebuild, however often it is called
+
+
+def test_inference_net_runs_the_plain_network_off_the_cpu():
+    """Off the CPU (here the meta device stands in for a GPU) nothing is folded or traced."""
+    net = trained_conv4().to("meta")
+    fast = InferenceNet(net)
+    out = fast(torch.empty(5, 1, 28, 28, device="meta"))
+    assert out.device.type == "meta" and out.shape == (5, 8)
+    assert fast.builds == 0 and fast.form == "plain"
 
 
 def test_inference_net_falls_back_when_a_faster_form_fails(monkeypatch):
