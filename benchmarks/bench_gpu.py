@@ -156,6 +156,10 @@ def maml_steps(args, peak_fp32: float, peak_tf32: float) -> dict:
         configs = [(16, 4, 1, 1, 2)]
     else:
         configs = [(s, w, c, k, mb) for mb in (4, 32) for (s, w, c) in ((28, 64, 1), (84, 32, 3)) for k in (1, 5)]
+    if args.maml_meta_batches:
+        configs = [c for c in configs if c[4] in args.maml_meta_batches]
+    if args.maml_sizes:
+        configs = [c for c in configs if c[0] in args.maml_sizes]
     data, rows = {"configs": {}, "notes": notes}, []
     for size, width, channels, steps, meta_batch in configs:
         key = f"{size}px conv4-{width} {steps} step{'s' if steps > 1 else ''} meta-batch {meta_batch}"
@@ -343,7 +347,8 @@ def measure_eval(name, per_episode, batched, make_compiled, batch_sizes, episode
     if compile_s is not None:
         total = n_total / (compile_s + n_total / result.rate("torch.compile (steady)"))
         rows.append([name, f"torch.compile incl. {compile_s:.1f} s cold compile, {n_total} episodes",
-                     common.fmt(total), "", common.fmt(total / result.rate("eager")), rows[-1][5], rows[-1][6]])
+                     common.fmt(total), "", common.fmt(total / result.rate("eager")),
+                     f"{checks['torch.compile (steady)'][0]:.2%}", f"{checks['torch.compile (steady)'][1]:.1e}"])
         data["rates"]["torch.compile incl. compile"] = total
     return rows, data
 
@@ -520,6 +525,8 @@ def main(argv=None) -> int:
     p.add_argument("--deadline-s", type=float, default=420.0,
                    help="skip sections and runs that would start after this many seconds (default 420)")
     p.add_argument("--only", nargs="+", choices=SECTIONS)
+    p.add_argument("--maml-sizes", nargs="+", type=int, choices=(28, 84), help="maml: only these image sizes")
+    p.add_argument("--maml-meta-batches", nargs="+", type=int, choices=(4, 32), help="maml: only these meta-batches")
     p.add_argument("--no-smoke", dest="smoke", action="store_false",
                    help="runs: skip the smoke runs of every learner")
     p.add_argument("--quick-runs", nargs="*", default=["protonet", "maml", "mtl"], metavar="LEARNER[:KEY=VALUE]",

@@ -66,13 +66,15 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, help="repetitions for every benchmark (default: each script's own)")
     p.add_argument("--out", type=Path, help="where to write the markdown (default benchmarks/RESULTS.md)")
     p.add_argument("--learners", nargs="+", help="end to end: only these learners (default: all registered)")
+    p.add_argument("--rebuild", action="store_true",
+                   help="run nothing: rewrite RESULTS.md from the sections kept in benchmarks/results/")
     p.add_argument("--end-to-end-from", nargs="+", metavar="DIR",
                    help="end to end: tabulate stored quick-budget results (e.g. leaderboards/results) instead of running")
     args = p.parse_args(argv)
     out = args.out or (None if args.quick else HERE / "RESULTS.md")
     import torch
 
-    names = args.only or [n for n in BENCHMARKS if n != "gpu" or torch.cuda.is_available()]
+    names = [] if args.rebuild else args.only or [n for n in BENCHMARKS if n != "gpu" or torch.cuda.is_available()]
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/run_all.py", *(argv or sys.argv[1:])])
     started = time.time()
     m = common.machine()

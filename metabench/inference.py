@@ -7,10 +7,10 @@ TorchScript can freeze it, as a frozen graph whose oneDNN convolutions have thei
 pre-packed and the ReLU fused in (``torch.jit.freeze`` + ``torch.jit.optimize_for_inference``).
 
 On a GPU the plain network runs unchanged: there a test episode's forward is bound by kernel
-launches rather than arithmetic, and with TF32 convolutions (PyTorch's default on CUDA) a folded
-network's output moves by about 1e-3 relative, too far for the check below. An H200 measured the
-folded form no faster (benchmarks/RESULTS.md, section 6); what pays there is several episodes per
-forward.
+launches rather than arithmetic, and TF32 convolutions (PyTorch's default on CUDA, 10 mantissa
+bits per operand) can move a folded network's output further than the check below allows. On an
+H200 the folded network was rejected by that check and channels_last was slower than eager
+(benchmarks/RESULTS.md, section 6); what pays there is several episodes per forward.
 
 Every faster form is checked against the plain eval-mode network on the first batch it sees; one
 that disagrees (or fails to build) is dropped for the next simpler one, so a backbone this module
