@@ -112,7 +112,8 @@ class InferenceNet:
             return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self.net.eval()
+        if self.net.training:
+            self.net.eval()
         if x.device.type != "cpu":  # on a GPU the plain network runs: see the module docstring
             with torch.no_grad():
                 return self.net(x)

@@ -115,7 +115,8 @@ class ProtoNet(Learner):
         BatchNorm folded into the convolutions and, on CPU, channels_last and a frozen TorchScript
         graph; checked against the plain network on first use (benchmarks/RESULTS.md, section 4).
         """
-        self.net.eval()  # running BatchNorm statistics: queries do not influence each other
+        # in eval mode (InferenceNet sets it): running BatchNorm statistics, so queries do not
+        # influence each other
         emb = self._inference(torch.cat([support_x, query_x]))  # [S + Q, D]
         n = support_x.shape[0]
         return prototype_logits(emb[:n], support_y, emb[n:], self.protocol.ways)
