@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from functools import lru_cache
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -84,9 +84,13 @@ class SplitMix64:
         self._state = state
         return out
 
-    def samples(self, requests: Sequence[tuple[int, int]], starts: Sequence[int] | None = None) -> list[list[int]]:
-        """``[self.sample(n, k) for n, k in requests]``: the same lists and stream position
-        (with ``starts``, request r's picks are shifted by ``starts[r]``).
+    def samples(self, requests: Sequence[tuple[int, int]],
+                starts: Sequence[int] | Callable[[int, list[list[int]]], int] | None = None) -> list[list[int]]:
+        """``[self.sample(n, k) for n, k in requests]``: the same lists and stream position.
+
+        With ``starts``, request r's picks are shifted by ``starts[r]``, or by ``starts(r, done)``
+        where ``done`` holds the picks of requests 0 .. r-1 (a start that depends on earlier
+        picks, e.g. the first row of a class drawn by request 0).
 
         The SplitMix64 output at stream position p is a pure function of ``state + p * gamma``,
         and a rejection in :meth:`below` has probability below n / 2**64, so every output of
@@ -122,7 +126,7 @@ class SplitMix64:
         self._state = (self._state + total * _GAMMA) & _MASK
         out, pos = [], 0
         for r, (n, k) in enumerate(requests):
-            start = starts[r] if starts is not None else 0
+            start = 0 if starts is None else starts(r, out) if callable(starts) else starts[r]
             if 4 * k >= n:
                 pool = list(range(start, start + n))
                 picks = [0] * k
@@ -140,9 +144,10 @@ class SplitMix64:
         return out
 
     def _one_by_one(self, requests, starts) -> list[list[int]]:
-        out = [self.sample(n, k) for n, k in requests]
-        if starts is not None:
-            out = [[start + j for j in picks] for start, picks in zip(starts, out)]
+        out: list[list[int]] = []
+        for r, (n, k) in enumerate(requests):
+            start = 0 if starts is None else starts(r, out) if callable(starts) else starts[r]
+            out.append([start + j for j in self.sample(n, k)])
         return out
 
 

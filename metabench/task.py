@@ -151,6 +151,7 @@ class ClassImageSource(DataSource):
     def __init__(self) -> None:
         self._loaded: dict[str, torch.Tensor] = {}
         self._offsets: dict[str, list[int]] = {}
+        self._uniform: dict[str, int | None] = {}
 
     @abc.abstractmethod
     def class_sizes(self, split: str) -> Sequence[int]:
@@ -159,6 +160,13 @@ class ClassImageSource(DataSource):
     @abc.abstractmethod
     def load_split(self, split: str, progress=None) -> torch.Tensor:
         """uint8 [N, C, H, W] images of ``split``, classes contiguous in class order."""
+
+    def _uniform_size(self, split: str) -> int | None:
+        """The common size of every class of ``split``, or None when sizes differ."""
+        if split not in self._uniform:
+            sizes = set(self.class_sizes(split))
+            self._uniform[split] = sizes.pop() if len(sizes) == 1 else None
+        return self._uniform[split]
 
     def offsets(self, split: str) -> list[int]:
         if split not in self._offsets:
@@ -177,6 +185,19 @@ class ClassImageSource(DataSource):
             from .errors import MetabenchError
 
             raise MetabenchError(f"{ways}-way episodes need {ways} classes; split {split!r} has {len(sizes)}")
+        k = shots + queries
+        size = self._uniform_size(split)
+        if size is not None and size >= k:
+            # Classes of one size: the class picks and every class's picks in one vectorised
+            # pass (the same stream as sample() for the classes, then one per class); class c's
+            # rows start at c * size.
+            picks = rng.samples([(len(sizes), ways)] + [(size, k)] * ways,
+                                lambda r, done: done[0][r - 1] * size if r else 0)
+            support, query = [], []
+            for rows in picks[1:]:
+                support += rows[:shots]
+                query += rows[shots:]
+            return EpisodeDraw(tuple(picks[0]), tuple(support), tuple(query))
         classes = rng.sample(len(sizes), ways)
         for c in classes:
             if sizes[c] < shots + queries:

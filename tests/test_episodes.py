@@ -86,6 +86,28 @@ def test_samples_takes_the_exact_path_when_an_output_may_be_rejected(monkeypatch
     one, many = SplitMix64(9), SplitMix64(9)
     assert many.samples(requests) == [one.sample(n, k) for n, k in requests]
     assert many.next_u64() == one.next_u64()
+    # a start computed from earlier picks (as ClassImageSource.draw does) on the exact path too
+    requests = [(30, 4)] + [(20, 20)] * 4
+    one, many = SplitMix64(10), SplitMix64(10)
+    classes = one.sample(30, 4)
+    expected = [classes] + [[c * 20 + j for j in one.sample(20, 20)] for c in classes]
+    assert many.samples(requests, lambda r, done: done[0][r - 1] * 20 if r else 0) == expected
+
+
+def test_draw_of_equal_sized_classes_takes_the_one_pass_path_with_the_same_result(monkeypatch):
+    """Classes of one size are drawn in one vectorised pass; it must give exactly the draws (and
+    stream position) of the general path: classes first, then one sample per class."""
+    from metabench.task import ClassImageSource
+
+    fast, slow = TinySource(), TinySource()
+    monkeypatch.setattr(slow, "_uniform_size", lambda split: None)  # the general path
+    rng_fast, rng_slow = SplitMix64(11), SplitMix64(11)
+    for ways, shots, queries in [(3, 2, 3), (12, 1, 9), (5, 5, 5), (2, 1, 1)]:
+        for _ in range(20):
+            assert fast.draw(rng_fast, "train", ways, shots, queries) == slow.draw(rng_slow, "train", ways, shots, queries)
+    assert rng_fast.next_u64() == rng_slow.next_u64()
+    assert fast._uniform_size("train") == 10
+    assert isinstance(fast, ClassImageSource)
 
 
 def test_materialize_many_equals_materializing_one_by_one():
