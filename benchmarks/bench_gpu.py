@@ -29,7 +29,6 @@ the CPU benchmarks (benchmarks/common.py). cuDNN's TF32 convolutions are PyTorch
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import statistics

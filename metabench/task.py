@@ -12,11 +12,11 @@ index operation.
 from __future__ import annotations
 
 import abc
-from array import array
-from functools import lru_cache
 import re
 import struct
+from array import array
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Sequence
 
 import torch

@@ -150,7 +150,7 @@ class MAMLConfig:
     task_batching:    "loop": the meta-batch's tasks one after another; "vmap": all tasks in one
                       ``torch.func.vmap`` with per-task BatchNorm statistics (the same
                       meta-gradient; on an H200 GPU 1.8-2.1x the loop's tasks/s at meta-batch 4 and
-                      13x at 32; on a 2-core CPU 1.8-3x slower: benchmarks/RESULTS.md); "auto"
+                      4.7-13x at 32; on a 2-core CPU 1.8-3x slower: benchmarks/RESULTS.md); "auto"
                       (default): "vmap" on a CUDA device, "loop" elsewhere and whenever
                       per_task_backward or inner_checkpoint is set or a subclass computes its own
                       meta-loss (the result records which one ran)
@@ -249,7 +249,8 @@ class MAML(Learner):
                 raise ValueError(f"{name}: {option} must be true or false, got {getattr(c, option)!r}")
         if c.task_batching == "auto":
             own_meta_loss = type(self).meta_loss is MAML.meta_loss
-            batched = torch.device(self.device).type == "cuda" and own_meta_loss and not (c.per_task_backward or c.inner_checkpoint)
+            on_cuda = torch.device(self.device).type == "cuda"
+            batched = on_cuda and own_meta_loss and not (c.per_task_backward or c.inner_checkpoint)
             c.task_batching = "vmap" if batched else "loop"
         special = c.task_batching != "loop" or c.per_task_backward or c.inner_checkpoint
         if special and type(self).meta_loss is not MAML.meta_loss:
