@@ -14,8 +14,11 @@ H200 the folded network was rejected by that check and channels_last was slower 
 
 Every faster form is checked against the plain eval-mode network on the first batch it sees; one
 that disagrees (or fails to build) is dropped for the next simpler one, so a backbone this module
-does not understand still runs, just unaccelerated. The copy is rebuilt whenever a parameter or
-buffer of the source network changes (a training step bumps the tensors' version counters).
+does not understand still runs, just unaccelerated. The copy is rebuilt (and checked again)
+whenever a parameter or buffer of the source network changes (a training step bumps the tensors'
+version counters) and whenever the input's shape or dtype changes: a traced graph keeps the
+branches its first input took, so each shape is checked before it is trusted. (A protocol's test
+episodes all have one shape: one build per evaluation.)
 """
 from __future__ import annotations
 
@@ -69,7 +72,7 @@ class InferenceNet:
 
     def __init__(self, net: nn.Module, allow_frozen: bool = True):
         self.net, self.allow_frozen = net, allow_frozen
-        self.form, self._fn, self._signature = "plain", None, None
+        self.form, self._fn, self._signature, self._input = "plain", None, None, None
         self.builds = 0  # how many times a test-time copy was built (once per set of weights)
 
     def _channels_last(self, x: torch.Tensor) -> bool:
@@ -117,7 +120,9 @@ class InferenceNet:
         if x.device.type != "cpu":  # on a GPU the plain network runs: see the module docstring
             with torch.no_grad():
                 return self.net(x)
-        if self._fn is None or _weights_signature(self.net) != self._signature:
+        key = (tuple(x.shape), x.dtype)
+        if self._fn is None or key != self._input or _weights_signature(self.net) != self._signature:
+            self._input = key
             self._build(x)
             self.builds += 1
         with torch.no_grad():

@@ -51,6 +51,25 @@ def test_inference_net_agrees_with_the_eval_network_at_any_batch_size(batch):
     with torch.no_grad():
         expected = net(x)
     torch.testing.assert_close(fast(x), expected, rtol=1e-4, atol=1e-5)
+    assert fast.builds == (1 if batch == 100 else 2)  # a new input shape is checked again
+
+
+def test_inference_net_checks_each_input_shape_so_a_shape_dependent_branch_cannot_slip_through():
+    class ShapeBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+
+        def forward(self, x):
+            y = self.conv(x).flatten(1)
+            return y * 2 if x.shape[0] > 10 else y  # a trace keeps the first input's branch
+
+    net = ShapeBranch().eval()
+    fast = InferenceNet(net)
+    for n in (20, 5, 20):
+        x = torch.rand(n, 1, 8, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), net(x), rtol=1e-4, atol=1e-5)
 
 
 def test_inference_net_is_rebuilt_when_the_weights_change():
