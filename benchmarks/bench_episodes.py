@@ -215,7 +215,21 @@ def main(argv=None) -> None:
           f"rate over the variant's, and the same for metabench's batched path (x{BATCH} episodes per call), from the "
           "same repetitions).", "",
           common.table(["size", "variant", "episodes/s", "spread", "metabench / variant",
-                        f"metabench x{BATCH} / variant"], rows), ""]
+                        f"metabench x{BATCH} / variant"], rows), "",
+          "Variants: `metabench` is `TrainSampler.sample` (draw + materialize, one episode per call); "
+          f"`metabench x{BATCH}` is `TrainSampler.sample_many` ({BATCH} draws, then one gather and one scaling per "
+          "block of at most 8 MiB of float32 images), how MAML, ANIL and Meta-SGD take a meta-batch; "
+          "`draw only` / `materialize only` are its two halves; the floor copies one episode's float32 images "
+          "(`Tensor.copy_`), the least any loader handing over float32 images must do.", ""]
+    for size in sizes:
+        d = data[f"{size[0]}px"]
+        if "learn2learn TaskDataset" in d:
+            floor, draw = d["floor: float32 copy of an episode"]["episodes_per_s"], d["draw only"]["episodes_per_s"]
+            bound = 1 / (1 / floor + 1 / draw)
+            md.append(f"- {size[0]} px: a loader that drew as metabench does and then only copied float32 images "
+                      f"would reach 1 / (1/floor + 1/draw) = {bound:,.0f} episodes/s = "
+                      f"{bound / d['learn2learn TaskDataset']['episodes_per_s']:.1f}x learn2learn's pipeline.")
+    md.append("")
     for size, text in profiles.items():
         md += [f"cProfile of metabench's draw + materialize at {size} px (own time, top entries):", "",
                "```", text, "```", ""]
