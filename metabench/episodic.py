@@ -30,11 +30,19 @@ def train_on_episodes(ctx: TrainContext, parameters: Iterable[torch.nn.Parameter
     for step in range(1, steps + 1):
         episode = ctx.sampler.sample(ways=ways, shots=shots, queries=queries)
         loss, scores = episode_loss(episode)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
-        with torch.no_grad():
-            acc = (scores.argmax(1) == episode.query_y).float().mean().item()
-        ctx.progress(step, steps, loss=loss.item(), acc=acc)
+        optimizer_step(ctx, opt, loss, scores, episode.query_y, step, steps, sched)
+
+
+def optimizer_step(ctx: TrainContext, opt: torch.optim.Optimizer, loss: torch.Tensor, scores: torch.Tensor,
+                   labels: torch.Tensor, step: int, total: int, scheduler=None) -> None:
+    """One training step of a supervised loop: backward ``loss``, step ``opt`` (then ``scheduler``),
+    and report ``ctx.progress(step, total, loss=..., acc=...)`` where acc is the share of rows of
+    ``scores`` [B, classes] whose argmax equals ``labels`` [B]."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if scheduler is not None:
+        scheduler.step()
+    with torch.no_grad():
+        acc = (scores.argmax(1) == labels).float().mean().item()
+    ctx.progress(step, total, loss=loss.item(), acc=acc)

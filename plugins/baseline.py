@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metabench import Learner, hookimpl
+from metabench.episodic import optimizer_step
 
 from . import configs
 
@@ -208,15 +209,7 @@ class Baseline(Learner):
             x = images[idx].to(self.device).float().div_(255.0)
             y = labels[idx].to(self.device)
             logits = head(self.net(x))
-            loss = F.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            with torch.no_grad():
-                acc = (logits.argmax(1) == y).float().mean().item()
-            ctx.progress(step, total, loss=loss.item(), acc=acc)
+            optimizer_step(ctx, opt, F.cross_entropy(logits, y), logits, y, step, total, sched)
 
     def predict(self, support_x, support_y, query_x):
         """Fit a new head on the frozen support embeddings, score the queries: -> logits [Q, ways].

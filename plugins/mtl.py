@@ -49,6 +49,7 @@ from torch import nn
 from torch.func import functional_call
 
 from metabench import ClassImageSource, EpisodeDraw, Learner, hookimpl
+from metabench.episodic import optimizer_step
 
 from .maml import CONFIGS, adapt
 
@@ -345,12 +346,7 @@ class MTL(Learner):
             x = images[idx].to(self.device).float().div_(255.0)
             y = labels[idx].to(self.device)
             logits = classifier(self.extractor(x))
-            loss = F.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            acc = (logits.argmax(1) == y).float().mean().item()
-            ctx.progress(step, total or c.pretrain_steps, loss=loss.item(), acc=acc)
+            optimizer_step(ctx, opt, F.cross_entropy(logits, y), logits, y, step, total or c.pretrain_steps)
         for p in ss:
             p.requires_grad_(True)
         self.extractor.eval()
