@@ -233,17 +233,7 @@ class ClassImageSource(DataSource):
         return self._loaded[split]
 
     def materialize(self, draw: EpisodeDraw, split: str) -> Episode:
-        images = self.images(split)
-        ways = len(draw.classes)
-        shots, queries = len(draw.support) // ways, len(draw.query) // ways
-        n_support = len(draw.support)
-        # One gather for support and query, then float32 and an in-place / 255 (the same values as
-        # torch.div(uint8, 255.0), whose type-promoting kernel is about 1.3x slower at 84 px);
-        # support and query are contiguous views of the result. The index tensor is built from an
-        # int64 buffer (5x faster than torch.tensor on a list of ints).
-        x = images.index_select(0, _index_tensor(draw.support + draw.query)).float().div_(255.0)
-        support_y, query_y = _episode_labels(ways, shots, queries)
-        return Episode(x[:n_support], support_y.clone(), x[n_support:], query_y.clone())
+        return self._materialize_group((draw,), self.images(split))[0]
 
     def materialize_many(self, draws: Sequence[EpisodeDraw], split: str) -> list[Episode]:
         """The episodes of ``draws``, equal to materializing them one by one, with one gather and
@@ -266,11 +256,19 @@ class ClassImageSource(DataSource):
         return out
 
     def _materialize_group(self, draws: Sequence[EpisodeDraw], images: torch.Tensor) -> list[Episode]:
-        rows: list[int] = []
-        for d in draws:
-            rows += d.support
-            rows += d.query
-        x = images.index_select(0, _index_tensor(tuple(rows))).float().div_(255.0)
+        """One gather of the draws' support and query rows, then float32 and an in-place / 255 (the
+        same values as torch.div(uint8, 255.0), whose type-promoting kernel is about 1.3x slower at
+        84 px); each episode's support and query are contiguous views of the result. The index
+        tensor is built from an int64 buffer (5x faster than torch.tensor on a list of ints)."""
+        if len(draws) == 1:  # the one-episode hot path: no list building
+            rows = draws[0].support + draws[0].query
+        else:
+            gathered: list[int] = []
+            for d in draws:
+                gathered += d.support
+                gathered += d.query
+            rows = tuple(gathered)
+        x = images.index_select(0, _index_tensor(rows)).float().div_(255.0)
         out, at = [], 0
         for d in draws:
             ways = len(d.classes)
