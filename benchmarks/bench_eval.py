@@ -204,14 +204,35 @@ def agreement(reference, got) -> tuple[float, float]:
     return same, diff
 
 
-def measure(name, learner_variants, episodes, n_total, reps, compile_too, batch=BATCH, setup_s=None):
-    """setup_s: {variant: one-time seconds} to count over ``n_total`` episodes in an extra row."""
+def measure(name, learner_variants, episodes, n_total, reps, compile_too, batches=(BATCH,), setup_s=None,
+            sync=None):
+    """Every variant interleaved, with its agreement with eager.
+
+    batches: episodes per forward of the batched variants; setup_s: {variant: one-time seconds} to
+    count over ``n_total`` episodes in an extra row; sync: called at the end of every timed call
+    (``torch.cuda.synchronize`` on a GPU).
+    """
     per_episode, batched, make_compiled = learner_variants
-    variants = {k: (lambda f=f: run_predict(f, episodes), len(episodes)) for k, f in per_episode.items()}
-    variants[f"batched x{batch}"] = (lambda: run_batched(batched, episodes, batch), len(episodes))
-    reference = run_predict(per_episode["eager"], episodes)
-    checks = {k: agreement(reference, run_predict(f, episodes)) for k, f in per_episode.items() if k != "eager"}
-    checks[f"batched x{batch}"] = agreement(reference, run_batched(batched, episodes, batch))
+
+    def per_call(f):
+        out = run_predict(f, episodes)
+        if sync is not None:
+            sync()
+        return out
+
+    def many(b):
+        out = run_batched(batched, episodes, b)
+        if sync is not None:
+            sync()
+        return out
+
+    variants = {k: (lambda f=f: per_call(f), len(episodes)) for k, f in per_episode.items()}
+    for b in batches:
+        variants[f"batched x{b}"] = (lambda b=b: many(b), len(episodes))
+    reference = per_call(per_episode["eager"])
+    checks = {k: agreement(reference, per_call(f)) for k, f in per_episode.items() if k != "eager"}
+    for b in batches:
+        checks[f"batched x{b}"] = agreement(reference, many(b))
     compile_s = None
     if compile_too:
         import torch._dynamo
@@ -223,16 +244,19 @@ def measure(name, learner_variants, episodes, n_total, reps, compile_too, batch=
             start = time.perf_counter()
             with torch.no_grad():
                 compiled(episodes[0].support_x, episodes[0].support_y, episodes[0].query_x)
+            if sync is not None:
+                sync()
             compile_s = time.perf_counter() - start
-        variants["torch.compile (steady)"] = (lambda: run_predict(compiled, episodes), len(episodes))
-        checks["torch.compile (steady)"] = agreement(reference, run_predict(compiled, episodes))
+        variants["torch.compile (steady)"] = (lambda: per_call(compiled), len(episodes))
+        checks["torch.compile (steady)"] = agreement(reference, per_call(compiled))
     result = common.interleaved(variants, reps=reps)
-    rows, data = [], {"compile_s": compile_s, "checks": checks, "rates": {}}
+    rows, data = [], {"compile_s": compile_s, "checks": checks, "rates": {}, "ratios_vs_eager": {}}
     for k in variants:
         same, diff = checks.get(k, (1.0, 0.0))
         rows.append([name, k, common.fmt(result.rate(k)), f"{result.spread(k):.0%}",
                      common.fmt(result.ratio(k, "eager")), f"{same:.2%}", f"{diff:.1e}"])
         data["rates"][k] = result.rate(k)
+        data["ratios_vs_eager"][k] = result.ratio(k, "eager")
     for k, secs in (setup_s or {}).items():
         total = n_total / (secs + n_total / result.rate(k))
         same, diff = checks.get(k, (1.0, 0.0))
@@ -272,13 +296,13 @@ def main(argv=None) -> None:
     learner = protonet_learner(protocol, width)
     setup = {PREDICT: protonet_setup_s(learner, episodes[0])}
     r, d = measure("ProtoNet 5w5s", protonet_variants(learner, protocol), episodes, protocol.episodes,
-                   args.reps, compile_too, batch=2 if args.quick else BATCH, setup_s=setup)
+                   args.reps, compile_too, batches=(2 if args.quick else BATCH,), setup_s=setup)
     rows += r
     data["protonet"] = d
     protocol, episodes = episodes_of("kanji-5w1s", n)
     learner = maml_learner(protocol, width)
     r, d = measure("MAML 5w1s", maml_variants(learner, protocol), episodes, protocol.episodes, args.reps, compile_too,
-                   batch=2 if args.quick else BATCH)
+                   batches=(2 if args.quick else BATCH,))
     rows += r
     data["maml"] = d
     md = [f"Test episodes per second, conv4-{width}, {n} episodes per repetition, median of {args.reps} "

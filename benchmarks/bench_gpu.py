@@ -279,77 +279,21 @@ def evaluation(args) -> dict:
     protocol, episodes = be.episodes_of("kanji-5w5s", n)
     episodes = to_device(episodes, dev)
     learner = be.protonet_learner(protocol, width, dev)
-    per_episode, batched, make_compiled = be.protonet_variants(learner, protocol)
-    batched_many = {f"batched x{b}": b for b in ((2,) if args.quick else (10, 50))}
-    r, d = measure_eval("ProtoNet 5w5s", per_episode, batched, make_compiled, batched_many, episodes,
-                        protocol.episodes, args, compile_too=not args.quick and until(args, "eval") > 60)
+    batches = (2,) if args.quick else (10, 50)
+    r, d = be.measure("ProtoNet 5w5s", be.protonet_variants(learner, protocol), episodes, protocol.episodes,
+                      args.reps, not args.quick and until(args, "eval") > 60, batches=batches, sync=lambda: sync(dev))
     rows += r
     data["protonet"] = d
     write_partial(args, "eval", data)
     protocol, episodes = be.episodes_of("kanji-5w1s", n)
     episodes = to_device(episodes, dev)
     learner = be.maml_learner(protocol, width, dev)
-    per_episode, batched, make_compiled = be.maml_variants(learner, protocol)
-    r, d = measure_eval("MAML 5w1s", per_episode, batched, make_compiled, batched_many, episodes,
-                        protocol.episodes, args, compile_too=False)
+    r, d = be.measure("MAML 5w1s", be.maml_variants(learner, protocol), episodes, protocol.episodes, args.reps,
+                      False, batches=batches, sync=lambda: sync(dev))
     rows += r
     data["maml"] = d
     data["rows"] = rows
     return data
-
-
-def measure_eval(name, per_episode, batched, make_compiled, batch_sizes, episodes, n_total, args, compile_too):
-    from benchmarks import bench_eval as be
-
-    dev = args.device
-
-    def run_per_episode(f):
-        out = be.run_predict(f, episodes)
-        sync(dev)
-        return out
-
-    def run_many(b):
-        out = be.run_batched(batched, episodes, b)
-        sync(dev)
-        return out
-
-    variants = {k: (lambda f=f: run_per_episode(f), len(episodes)) for k, f in per_episode.items()}
-    for label, b in batch_sizes.items():
-        variants[label] = (lambda b=b: run_many(b), len(episodes))
-    reference = run_per_episode(per_episode["eager"])
-    checks = {k: be.agreement(reference, run_per_episode(f)) for k, f in per_episode.items() if k != "eager"}
-    for label, b in batch_sizes.items():
-        checks[label] = be.agreement(reference, run_many(b))
-    compile_s = None
-    if compile_too:
-        import torch._dynamo
-        import torch._inductor.config as inductor_config
-
-        torch._dynamo.reset()
-        with inductor_config.patch(force_disable_caches=True):
-            compiled = make_compiled()
-            start = time.perf_counter()
-            with torch.no_grad():
-                compiled(episodes[0].support_x, episodes[0].support_y, episodes[0].query_x)
-            sync(dev)
-            compile_s = time.perf_counter() - start
-        variants["torch.compile (steady)"] = (lambda: run_per_episode(compiled), len(episodes))
-        checks["torch.compile (steady)"] = be.agreement(reference, run_per_episode(compiled))
-    result = common.interleaved(variants, reps=args.reps)
-    rows, data = [], {"compile_s": compile_s, "checks": checks, "rates": {}, "ratios_vs_eager": {}}
-    for k in variants:
-        same, diff = checks.get(k, (1.0, 0.0))
-        rows.append([name, k, common.fmt(result.rate(k)), f"{result.spread(k):.0%}",
-                     common.fmt(result.ratio(k, "eager")), f"{same:.2%}", f"{diff:.1e}"])
-        data["rates"][k] = result.rate(k)
-        data["ratios_vs_eager"][k] = result.ratio(k, "eager")
-    if compile_s is not None:
-        total = n_total / (compile_s + n_total / result.rate("torch.compile (steady)"))
-        rows.append([name, f"torch.compile incl. {compile_s:.1f} s cold compile, {n_total} episodes",
-                     common.fmt(total), "", common.fmt(total / result.rate("eager")),
-                     f"{checks['torch.compile (steady)'][0]:.2%}", f"{checks['torch.compile (steady)'][1]:.1e}"])
-        data["rates"]["torch.compile incl. compile"] = total
-    return rows, data
 
 
 # ----------------------------------------------------------------------------- 5. whole runs
