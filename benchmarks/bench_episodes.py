@@ -3,13 +3,18 @@
 Variants, all drawing from the same images (kanji's training split; at 84 px its first classes
 upscaled to 3 x 84 x 84, miniImageNet's shape):
 
-* metabench:        ``ClassImageSource.draw`` (SplitMix64: a whole episode's outputs mixed at
-                    once in NumPy, the Fisher-Yates swaps in Python) + ``materialize`` (one
-                    index_select on the uint8 split tensor for support and query, / 255 to
-                    float32), one episode per call: ``TrainSampler.sample``.
-* metabench x32:    32 draws, then ``materialize_many`` (one gather and one scaling per block of at
-                    most 8 MiB of float32 images: 26 episodes at 28 px, one at 84 px):
-                    ``TrainSampler.sample_many``, how MAML, ANIL and Meta-SGD take a meta-batch.
+* metabench:        ``TrainSampler.sample``, one episode per call, as the episodic training loop
+                    takes them. It reads ahead: the next episodes of the same shape are drawn in
+                    one pass (``ClassImageSource.draw_many``: SplitMix64 outputs of all of them
+                    mixed at once in NumPy, the Fisher-Yates swaps in Python) and built with one
+                    gather and one scaling (``materialize_many``: index_select on the uint8 split
+                    tensor, / 255 to float32), up to 4 MiB of float32 images (13 episodes at
+                    28 px; one at 84 px, where it is the no-read-ahead path). The benchmark
+                    also sweeps that bound at 28 px (``read_ahead_sweep``).
+* no read-ahead:    the same with ``read_ahead = False``: ``draw`` + ``materialize`` per call.
+* metabench x32:    ``TrainSampler.sample_many(32)`` (one ``draw_many`` pass, then one gather and
+                    one scaling per block of at most 8 MiB of float32 images), how MAML, ANIL and
+                    Meta-SGD take a meta-batch.
 * per-image:        the same draws, then a list of PIL images, torchvision ``ToTensor`` per image,
                     ``torch.stack`` (the common Dataset + DataLoader style, without workers).
 * learn2learn:      ``TaskDataset`` over a ``MetaDataset`` of the same PIL images with
@@ -33,7 +38,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from metabench.rng import SplitMix64  # noqa: E402
-from metabench.task import ClassImageSource, Episode  # noqa: E402
+from metabench.episodes import TrainSampler  # noqa: E402
+from metabench.task import ClassImageSource, Episode, Protocol  # noqa: E402
 
 WAYS, SHOTS, QUERIES = 5, 5, 15
 BATCH = 32  # episodes per materialize_many call in the batched variant
@@ -78,16 +84,25 @@ def make_variants(source: ClassImageSource, n_fast: int, n_slow: int, l2l) -> tu
 
     images = source.images("train")
     notes = []
-    rng_a, rng_b, rng_c, rng_d = (SplitMix64(s) for s in (1, 2, 3, 4))
+    rng_c, rng_d = SplitMix64(3), SplitMix64(4)
     draws_for_materialize = [source.draw(SplitMix64(99 + i), "train", WAYS, SHOTS, QUERIES) for i in range(n_fast)]
+    protocol = Protocol(name=f"bench-{WAYS}w{SHOTS}s", version=1, dataset="bench", ways=WAYS, shots=SHOTS,
+                        queries=QUERIES, episodes=1, image_size=images.shape[-1])
+    reading_ahead, one_per_call, batched = (TrainSampler(protocol, source, seed=s) for s in (1, 2, 3))
+    one_per_call.read_ahead = False
+    reading_ahead.sample()  # its first call learns the episode's size; later ones read ahead
 
     def metabench():
         for _ in range(n_fast):
-            source.materialize(source.draw(rng_a, "train", WAYS, SHOTS, QUERIES), "train")
+            reading_ahead.sample()
+
+    def metabench_no_read_ahead():
+        for _ in range(n_fast):
+            one_per_call.sample()
 
     def metabench_batched():
         for _ in range(n_fast // BATCH):
-            source.materialize_many([source.draw(rng_b, "train", WAYS, SHOTS, QUERIES) for _ in range(BATCH)], "train")
+            batched.sample_many(BATCH)
 
     shape = (WAYS * (SHOTS + QUERIES), *images.shape[1:])
     block, target = torch.rand(shape), torch.empty(shape)
@@ -121,6 +136,7 @@ def make_variants(source: ClassImageSource, n_fast: int, n_slow: int, l2l) -> tu
 
     variants = {
         "metabench": (metabench, n_fast),
+        "metabench, no read-ahead": (metabench_no_read_ahead, n_fast),
         f"metabench x{BATCH} (sample_many)": (metabench_batched, n_fast // BATCH * BATCH),
         "draw only": (draw_only, n_fast),
         "materialize only": (materialize_only, n_fast),
@@ -162,17 +178,38 @@ def make_variants(source: ClassImageSource, n_fast: int, n_slow: int, l2l) -> tu
     return variants, notes
 
 
+def read_ahead_sweep(source: ClassImageSource, n: int, reps: int) -> tuple[str, dict]:
+    """``TrainSampler.sample`` rate for several ``READ_AHEAD_BYTES`` (interleaved repetitions)."""
+    protocol = Protocol(name=f"bench-{WAYS}w{SHOTS}s", version=1, dataset="bench", ways=WAYS, shots=SHOTS,
+                        queries=QUERIES, episodes=1, image_size=source.images("train").shape[-1])
+    variants = {}
+    for mib in (0.5, 1, 2, 4, 8):
+        sampler = TrainSampler(protocol, source, seed=11)
+        sampler.READ_AHEAD_BYTES = int(mib * 2**20)
+        sampler.sample()
+        variants[f"{mib:g} MiB"] = ((lambda s=sampler: [s.sample() for _ in range(n)]), n)
+    result = common.interleaved(variants, reps=reps)
+    episode = source.materialize(source.draw(SplitMix64(0), "train", WAYS, SHOTS, QUERIES), "train")
+    per_episode = episode.support_x.nbytes + episode.query_x.nbytes
+    rows = [[name, str(max(1, min(TrainSampler.READ_AHEAD_MAX, int(float(name.split()[0]) * 2**20) // per_episode))),
+             common.fmt(result.rate(name)), f"{result.spread(name):.0%}"] for name in variants]
+    text = common.table(["READ_AHEAD_BYTES", "episodes per read", "episodes/s", "spread"], rows)
+    return text, {name: {"episodes_per_s": result.rate(name), "times_s": result.times[name]} for name in variants}
+
+
 def profile_draw(source: ClassImageSource, n: int) -> str:
-    """cProfile of metabench's draw + materialize: the top entries by own time."""
+    """cProfile of ``TrainSampler.sample`` (reading ahead): the top entries by own time."""
     import cProfile
     import io
     import pstats
 
-    rng = SplitMix64(7)
+    protocol = Protocol(name=f"bench-{WAYS}w{SHOTS}s", version=1, dataset="bench", ways=WAYS, shots=SHOTS,
+                        queries=QUERIES, episodes=1, image_size=source.images("train").shape[-1])
+    sampler = TrainSampler(protocol, source, seed=7)
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(n):
-        source.materialize(source.draw(rng, "train", WAYS, SHOTS, QUERIES), "train")
+        sampler.sample()
     prof.disable()
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(8)
@@ -210,16 +247,22 @@ def main(argv=None) -> None:
                                                for n in variants}
         data[f"{size}px"]["images"] = list(source.images("train").shape)
         profiles[size] = profile_draw(source, 200 if args.quick else 2000)
+        if size == 28:
+            sweep_text, data["read_ahead_sweep_28px"] = read_ahead_sweep(source, n_fast, args.reps)
     md = [f"5-way {SHOTS}-shot {QUERIES}-query episodes per second (median of {args.reps} interleaved "
           "repetitions; spread = (max - min) / median of the repetitions' rates; last column: metabench's "
           f"rate over the variant's, and the same for metabench's batched path (x{BATCH} episodes per call), from the "
           "same repetitions).", "",
           common.table(["size", "variant", "episodes/s", "spread", "metabench / variant",
                         f"metabench x{BATCH} / variant"], rows), "",
-          "Variants: `metabench` is `TrainSampler.sample` (draw + materialize, one episode per call); "
-          f"`metabench x{BATCH}` is `TrainSampler.sample_many` ({BATCH} draws, then one gather and one scaling per "
-          "block of at most 8 MiB of float32 images), how MAML, ANIL and Meta-SGD take a meta-batch; "
-          "`draw only` / `materialize only` are its two halves; the floor copies one episode's float32 images "
+          "Variants: `metabench` is `TrainSampler.sample`, one episode per call as the episodic training loop "
+          "takes them; it reads ahead (the next episodes of the same shape drawn in one pass and built in one "
+          "gather and scaling, up to 4 MiB of float32 images: 13 episodes at 28 px, one at 84 px). "
+          "`no read-ahead` is one `draw` + `materialize` per call. "
+          f"`metabench x{BATCH}` is `TrainSampler.sample_many` ({BATCH} draws in one pass, then one gather and one "
+          "scaling per block of at most 8 MiB), how MAML, ANIL and Meta-SGD take a meta-batch; "
+          "`draw only` / `materialize only` are the two halves of the no-read-ahead path; the floor copies one "
+          "episode's float32 images "
           "(`Tensor.copy_`), the least any loader handing over float32 images must do.", ""]
     for size in sizes:
         d = data[f"{size[0]}px"]
@@ -229,9 +272,10 @@ def main(argv=None) -> None:
             md.append(f"- {size[0]} px: a loader that drew as metabench does and then only copied float32 images "
                       f"would reach 1 / (1/floor + 1/draw) = {bound:,.0f} episodes/s = "
                       f"{bound / d['learn2learn TaskDataset']['episodes_per_s']:.1f}x learn2learn's pipeline.")
-    md.append("")
+    md += ["", f"`TrainSampler.sample` at 28 px by its read-ahead bound (`READ_AHEAD_BYTES`; the default is "
+           f"{TrainSampler.READ_AHEAD_BYTES // 2**20} MiB), {args.reps} interleaved repetitions:", "", sweep_text, ""]
     for size, text in profiles.items():
-        md += [f"cProfile of metabench's draw + materialize at {size} px (own time, top entries):", "",
+        md += [f"cProfile of `TrainSampler.sample` at {size} px (own time, top entries):", "",
                "```", text, "```", ""]
     md += [f"- {n}" for n in notes]
     common.emit(args, "1. Episode sampling", "\n".join(md), data)

@@ -7,6 +7,7 @@ every training seed and every machine. The SHA-256 of all draws, in order, names
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from typing import Iterator
 
 from .rng import SplitMix64, derive_seed
@@ -42,27 +43,76 @@ class TrainSampler:
 
     A learner may ask for other ways/shots/queries than the protocol's (e.g. ProtoNet's
     higher-way training); the stream stays deterministic for a fixed sequence of requests.
+
+    :meth:`sample` reads ahead: when the same shape is asked for again, it draws the next
+    episodes of that shape in one pass (``DataSource.draw_many``) and builds them in one gather
+    (``materialize_many``), as many as fit in ``READ_AHEAD_BYTES`` of images (at most
+    ``READ_AHEAD_MAX``), and hands them out one per call. The episodes and their order are the
+    ones drawing one per call gives: when a request of another shape (or :meth:`draw`, or
+    :meth:`sample_many`) comes while episodes are still waiting, the stream is put back where
+    one-per-call drawing would have left it, the waiting episodes are dropped, and this sampler
+    stops reading ahead (a learner that alternates shapes would otherwise pay for episodes it
+    never takes).
     """
+
+    #: the most episodes :meth:`sample` reads ahead
+    READ_AHEAD_MAX = 32
+    #: the most image bytes (float32) of the episodes :meth:`sample` reads ahead
+    READ_AHEAD_BYTES = 4 * 1024 * 1024
 
     def __init__(self, protocol: Protocol, source: DataSource, seed: int, split: str = "train", device="cpu"):
         source.check_split(split)
         self.protocol, self.source, self.split, self.device = protocol, source, split, device
         self._rng = SplitMix64(derive_seed("metabench-train-episodes", protocol.name, protocol.version, split, seed))
+        self.read_ahead = True
+        self._ahead: deque[Episode] = deque()
+        self._ahead_shape: tuple[int, int, int] | None = None
+        self._ahead_from = 0  # stream state before the waiting episodes' batch was drawn
+        self._ahead_taken = 0  # episodes of that batch already handed out
+        self._episode_bytes: dict[tuple[int, int, int], int] = {}
+
+    def _shape(self, ways, shots, queries) -> tuple[int, int, int]:
+        p = self.protocol
+        return ways or p.ways, shots or p.shots, queries or p.queries
+
+    def _rewind(self) -> None:
+        """Drop the waiting episodes and put the stream where one-per-call drawing would be."""
+        if self._ahead:
+            self._rng.setstate(self._ahead_from)
+            self.source.draw_many(self._rng, self.split, self._ahead_taken, *self._ahead_shape)
+            self._ahead.clear()
+            self.read_ahead = False
 
     def draw(self, ways: int | None = None, shots: int | None = None, queries: int | None = None) -> EpisodeDraw:
-        p = self.protocol
-        return self.source.draw(self._rng, self.split, ways or p.ways, shots or p.shots, queries or p.queries)
+        self._rewind()
+        return self.source.draw(self._rng, self.split, *self._shape(ways, shots, queries))
 
     def sample(self, ways: int | None = None, shots: int | None = None, queries: int | None = None) -> Episode:
         """The next training episode, on the run's device."""
-        return self.source.materialize(self.draw(ways, shots, queries), self.split).to(self.device)
+        shape = self._shape(ways, shots, queries)
+        if self._ahead and shape != self._ahead_shape:
+            self._rewind()
+        if not self._ahead:
+            n = 1
+            if self.read_ahead and shape in self._episode_bytes:
+                n = max(1, min(self.READ_AHEAD_MAX, self.READ_AHEAD_BYTES // max(1, self._episode_bytes[shape])))
+            self._ahead_from, self._ahead_shape, self._ahead_taken = self._rng.getstate(), shape, 0
+            draws = self.source.draw_many(self._rng, self.split, n, *shape)
+            self._ahead.extend(self.source.materialize_many(draws, self.split))
+            if shape not in self._episode_bytes:
+                first = self._ahead[0]
+                self._episode_bytes[shape] = first.support_x.nbytes + first.query_x.nbytes
+        self._ahead_taken += 1
+        return self._ahead.popleft().to(self.device)
 
     def sample_many(self, n: int, ways: int | None = None, shots: int | None = None,
                     queries: int | None = None) -> list[Episode]:
         """The next ``n`` training episodes, on the run's device: the same episodes, in the same
-        order, as ``n`` calls of :meth:`sample` (drawn one after another from the stream), with
-        their images gathered and scaled in one operation (``DataSource.materialize_many``)."""
-        draws = [self.draw(ways, shots, queries) for _ in range(n)]
+        order, as ``n`` calls of :meth:`sample` (drawn one after another from the stream), drawn
+        in one pass and with their images gathered and scaled in one operation per block
+        (``DataSource.draw_many``, ``DataSource.materialize_many``)."""
+        self._rewind()
+        draws = self.source.draw_many(self._rng, self.split, n, *self._shape(ways, shots, queries))
         return [e.to(self.device) for e in self.source.materialize_many(draws, self.split)]
 
     def __iter__(self) -> Iterator[Episode]:

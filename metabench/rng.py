@@ -30,6 +30,14 @@ class SplitMix64:
     def __init__(self, seed: int):
         self._state = seed & _MASK
 
+    def getstate(self) -> int:
+        """The stream position (for :meth:`setstate`)."""
+        return self._state
+
+    def setstate(self, state: int) -> None:
+        """Return to a position :meth:`getstate` gave."""
+        self._state = state & _MASK
+
     def next_u64(self) -> int:
         self._state = (self._state + 0x9E3779B97F4A7C15) & _MASK
         z = self._state

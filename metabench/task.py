@@ -115,6 +115,11 @@ class DataSource(abc.ABC):
     def draw(self, rng: SplitMix64, split: str, ways: int, shots: int, queries: int) -> EpisodeDraw:
         """Choose an episode's classes and examples with ``rng`` (must use no other randomness)."""
 
+    def draw_many(self, rng: SplitMix64, split: str, n: int, ways: int, shots: int, queries: int) -> list[EpisodeDraw]:
+        """``[self.draw(rng, split, ways, shots, queries) for _ in range(n)]``: the same draws and
+        stream position; sources may do it in fewer operations."""
+        return [self.draw(rng, split, ways, shots, queries) for _ in range(n)]
+
     @abc.abstractmethod
     def materialize(self, draw: EpisodeDraw, split: str) -> Episode:
         """Turn a draw into tensors (on the CPU)."""
@@ -179,25 +184,44 @@ class ClassImageSource(DataSource):
         return self._offsets[split]
 
     def draw(self, rng: SplitMix64, split: str, ways: int, shots: int, queries: int) -> EpisodeDraw:
+        return self.draw_many(rng, split, 1, ways, shots, queries)[0]
+
+    def draw_many(self, rng: SplitMix64, split: str, n: int, ways: int, shots: int, queries: int) -> list[EpisodeDraw]:
+        """``n`` episodes drawn one after another from ``rng``. When every class of the split has
+        the same size, all their picks come from one vectorised :meth:`SplitMix64.samples` call:
+        per episode, the classes (``sample(classes, ways)``), then each class's examples
+        (``sample(size, shots + queries)``, shifted to the class's first row, ``c * size``), the
+        same stream as drawing them one by one."""
         sizes = self.class_sizes(split)
-        offsets = self.offsets(split)
         if ways > len(sizes):
             from .errors import MetabenchError
 
             raise MetabenchError(f"{ways}-way episodes need {ways} classes; split {split!r} has {len(sizes)}")
         k = shots + queries
         size = self._uniform_size(split)
-        if size is not None and size >= k:
-            # Classes of one size: the class picks and every class's picks in one vectorised
-            # pass (the same stream as sample() for the classes, then one per class); class c's
-            # rows start at c * size.
-            picks = rng.samples([(len(sizes), ways)] + [(size, k)] * ways,
-                                lambda r, done: done[0][r - 1] * size if r else 0)
-            support, query = [], []
-            for rows in picks[1:]:
+        if size is None or size < k:
+            return [self._draw_general(rng, split, ways, shots, queries) for _ in range(n)]
+        group = ways + 1  # requests per episode: its classes, then one per class
+
+        def first_row(r: int, done: list[list[int]]) -> int:
+            local = r % group
+            return done[r - local][local - 1] * size if local else 0
+
+        picks = rng.samples(([(len(sizes), ways)] + [(size, k)] * ways) * n, first_row)
+        out = []
+        for e in range(0, len(picks), group):
+            support: list[int] = []
+            query: list[int] = []
+            for rows in picks[e + 1:e + group]:
                 support += rows[:shots]
                 query += rows[shots:]
-            return EpisodeDraw(tuple(picks[0]), tuple(support), tuple(query))
+            out.append(EpisodeDraw(tuple(picks[e]), tuple(support), tuple(query)))
+        return out
+
+    def _draw_general(self, rng: SplitMix64, split: str, ways: int, shots: int, queries: int) -> EpisodeDraw:
+        """One episode from classes of any sizes: the classes, then one sample per class."""
+        sizes = self.class_sizes(split)
+        offsets = self.offsets(split)
         classes = rng.sample(len(sizes), ways)
         for c in classes:
             if sizes[c] < shots + queries:
@@ -240,7 +264,12 @@ class ClassImageSource(DataSource):
         one scaling per group of episodes whose float32 images take at most
         ``MATERIALIZE_BLOCK_BYTES`` (bigger blocks fall out of the caches and, with glibc's default
         settings, come from fresh pages every time). Each episode's x are contiguous views of its
-        group's block (one episode per slice; none overlaps another's)."""
+        group's block (one episode per slice; none overlaps another's).
+
+        A subclass that overrides :meth:`materialize` (e.g. to rotate images) gets one
+        ``materialize`` call per draw unless it overrides this method too."""
+        if type(self).materialize is not ClassImageSource.materialize:
+            return [self.materialize(d, split) for d in draws]
         images = self.images(split)
         per_image = images[0].numel() * 4 if len(images) else 1
         out, group, group_bytes = [], [], 0

@@ -110,6 +110,40 @@ def test_draw_of_equal_sized_classes_takes_the_one_pass_path_with_the_same_resul
     assert isinstance(fast, ClassImageSource)
 
 
+def test_draw_many_equals_drawing_one_by_one(monkeypatch):
+    """draw_many's one vectorised pass gives exactly n consecutive draws and the same stream
+    position, for equal-sized classes, for classes of other sizes (the general path), and when
+    an output may be rejected (the exact path)."""
+    import numpy as np
+
+    from metabench import rng as rng_module
+
+    def check(source, seed):
+        for n, (ways, shots, queries) in [(0, (3, 2, 3)), (1, (3, 2, 3)), (7, (3, 2, 3)), (26, (5, 1, 9)),
+                                         (3, (12, 5, 5)), (4, (2, 1, 1))]:
+            one, many = SplitMix64(seed + n), SplitMix64(seed + n)
+            expected = [source.draw(one, "train", ways, shots, queries) for _ in range(n)]
+            assert source.draw_many(many, "train", n, ways, shots, queries) == expected, (n, ways, shots, queries)
+            assert many.next_u64() == one.next_u64()
+
+    check(TinySource(), 30)
+    general = TinySource()
+    monkeypatch.setattr(general, "_uniform_size", lambda split: None)
+    check(general, 40)
+    # the general path is the definition: classes first, then one sample per class
+    rng = SplitMix64(3)
+    classes = rng.sample(12, 3)
+    rows = [[c * 10 + j for j in rng.sample(10, 5)] for c in classes]
+    assert general.draw_many(SplitMix64(3), "train", 1, 3, 2, 3)[0] == \
+        TinySource().draw(SplitMix64(3), "train", 3, 2, 3)
+    assert TinySource().draw(SplitMix64(3), "train", 3, 2, 3).classes == tuple(classes)
+    assert TinySource().draw(SplitMix64(3), "train", 3, 2, 3).support == tuple(r for c in rows for r in c[:2])
+    original = rng_module._bounds
+    monkeypatch.setattr(rng_module, "_bounds", lambda requests: (*original(requests)[:1], np.uint64(0),
+                                                                 *original(requests)[2:]))
+    check(TinySource(), 50)
+
+
 def test_materialize_many_equals_materializing_one_by_one():
     source = TinySource()
     rng = SplitMix64(3)
@@ -133,6 +167,25 @@ def test_materialize_many_equals_materializing_one_by_one():
     assert torch.equal(many[1].support_y, source.materialize(draws[1], "train").support_y)
 
 
+def test_materialize_many_respects_an_overridden_materialize():
+    """A source that builds its own episodes (as Omniglot's rotations do) must get them from
+    materialize_many and from the sampler's read-ahead, not the plain gather of its rows."""
+    from metabench.task import Episode
+
+    class Flipped(TinySource):
+        def materialize(self, draw, split):
+            e = super().materialize(draw, split)
+            return Episode(e.support_x.flip(-1), e.support_y, e.query_x.flip(-1), e.query_y)
+
+    source = Flipped()
+    draws = source.draw_many(SplitMix64(2), "train", 3, 3, 2, 3)
+    for d, got in zip(draws, source.materialize_many(draws, "train")):
+        assert torch.equal(got.query_x, TinySource().materialize(d, "train").query_x.flip(-1))
+    sampler, plain = TrainSampler(TINY, source, seed=1), TrainSampler(TINY, TinySource(), seed=1)
+    for _ in range(5):
+        assert torch.equal(sampler.sample().support_x, plain.sample().support_x.flip(-1))
+
+
 def test_sample_many_gives_the_episodes_sample_would():
     one = TrainSampler(TINY, TinySource(), seed=4)
     many = TrainSampler(TINY, TinySource(), seed=4)
@@ -141,6 +194,82 @@ def test_sample_many_gives_the_episodes_sample_would():
     assert all(torch.equal(a.query_x, b.query_x) and torch.equal(a.support_y, b.support_y)
                for a, b in zip(expected, got))
     assert torch.equal(one.sample().support_x, many.sample().support_x)  # the streams stay in step
+
+
+def _definition(sampler: TrainSampler, calls):
+    """What the sampler must hand out: one source.draw + materialize per call, on its stream."""
+    rng = SplitMix64(sampler._rng.getstate())
+    source = sampler.source
+    out = []
+    for kind, shape in calls:
+        shape = sampler._shape(*shape)
+        if kind == "many":
+            out += [source.materialize(source.draw(rng, "train", *shape), "train") for _ in range(4)]
+        elif kind == "draw":
+            out.append(source.draw(rng, "train", *shape))
+        else:
+            out.append(source.materialize(source.draw(rng, "train", *shape), "train"))
+    return out, rng
+
+
+def _same(a, b) -> bool:
+    if not hasattr(a, "support_x"):
+        return a == b
+    return all(x.dtype == y.dtype and torch.equal(x, y) for x, y in
+               zip((a.support_x, a.support_y, a.query_x, a.query_y), (b.support_x, b.support_y, b.query_x, b.query_y)))
+
+
+def test_sample_reads_ahead_and_hands_out_the_one_per_call_episodes():
+    sampler = TrainSampler(TINY, TinySource(), seed=8)
+    calls = [("sample", (None, None, None))] * 40
+    expected, rng = _definition(sampler, calls)
+    got = [sampler.sample() for _ in range(40)]
+    assert all(_same(a, b) for a, b in zip(got, expected))
+    # it did read ahead: the first call learned the episode's size, the second took a batch
+    per_episode = 15 * 16 * 16 * 4
+    assert sampler._episode_bytes[(3, 2, 3)] == per_episode
+    assert TrainSampler.READ_AHEAD_MAX == 32  # 16x16 px: far below READ_AHEAD_BYTES
+    assert sampler.read_ahead and len(sampler._ahead) == 1 + 2 * 32 - 40  # calls 1 | 2-33 | 34-65
+    # episodes handed out share no memory: writing into one changes no other
+    before = got[2].support_x.clone()
+    got[1].support_x.fill_(7.0)
+    got[1].query_x.fill_(7.0)
+    got[1].support_y.add_(1)
+    assert torch.equal(got[2].support_x, before) and torch.equal(got[2].support_y, expected[2].support_y)
+
+
+def test_read_ahead_rewinds_when_the_request_changes():
+    """Shape changes, draw() and sample_many() between samples: the episodes are still the
+    one-per-call ones, the stream ends where one-per-call drawing leaves it, and the sampler
+    stops reading ahead after its first rewind."""
+    calls = ([("sample", (None, None, None))] * 5 + [("sample", (4, 1, 2))] * 3 + [("draw", (None, None, None))]
+             + [("sample", (None, None, None))] * 3 + [("many", (None, 1, 1))] + [("sample", (5, None, None))] * 6)
+    sampler = TrainSampler(TINY, TinySource(), seed=9)
+    expected, rng = _definition(sampler, calls)
+    got = []
+    for kind, shape in calls:
+        if kind == "many":
+            got += sampler.sample_many(4, *shape)
+        elif kind == "draw":
+            got.append(sampler.draw(*shape))
+        else:
+            got.append(sampler.sample(*shape))
+            if len(got) == 5:
+                assert len(sampler._ahead) > 0  # episodes were waiting when the shape changed
+    assert len(got) == len(expected) and all(_same(a, b) for a, b in zip(got, expected))
+    assert not sampler.read_ahead and not sampler._ahead
+    sampler._rewind()
+    assert sampler._rng.getstate() == rng.getstate()
+
+
+def test_read_ahead_is_bounded_by_bytes():
+    sampler = TrainSampler(TINY, TinySource(), seed=10)
+    sampler.READ_AHEAD_BYTES = 2 * 15 * 16 * 16 * 4  # two episodes' images
+    expected, _ = _definition(sampler, [("sample", (None, None, None))] * 6)
+    got = [sampler.sample() for _ in range(4)]
+    assert len(sampler._ahead) == 1  # 1 (learn the size), then 2 at a time: one still waits
+    got += [sampler.sample() for _ in range(2)]
+    assert all(_same(a, b) for a, b in zip(got, expected))
 
 
 def test_eval_draws_ignore_global_randomness():
