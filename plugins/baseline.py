@@ -30,6 +30,7 @@ from torch import nn
 
 from metabench import Learner, hookimpl
 from metabench.episodic import optimizer_step
+from metabench.inference import InferenceNet
 
 from . import configs
 
@@ -177,6 +178,7 @@ class Baseline(Learner):
             if not getattr(config, field) >= 0:
                 raise ValueError(f"{name}: {field} must be zero or positive, got {getattr(config, field)!r}")
         self.net = backbone.module.to(device)
+        self._inference = InferenceNet(self.net)  # predict()'s test-time copy, rebuilt when weights change
         self.dim = backbone.out_features
 
     @classmethod
@@ -217,9 +219,9 @@ class Baseline(Learner):
         support_x [S, C, H, W], support_y [S], query_x [Q, C, H, W].
         """
         c = self.config
-        self.net.eval()
-        with torch.no_grad():
-            emb = self.net(torch.cat([support_x, query_x]))
+        # the frozen backbone as a test-time copy (metabench.inference.InferenceNet: eval mode,
+        # BatchNorm folded, checked against the plain network on first use)
+        emb = self._inference(torch.cat([support_x, query_x]))
         n = support_x.shape[0]
         support_emb, query_emb = emb[:n].detach(), emb[n:].detach()
         head = fit_head(support_emb, support_y, self.protocol.ways, self.cosine, self.finetune_scale(),

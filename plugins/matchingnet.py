@@ -39,6 +39,7 @@ from torch import nn
 
 from metabench import Learner, hookimpl
 from metabench.episodic import train_on_episodes
+from metabench.inference import InferenceNet
 
 from . import configs
 
@@ -143,6 +144,7 @@ class MatchingNet(Learner):
         if not config.scale > 0:
             raise ValueError(f"matchingnet: scale must be positive, got {config.scale!r}")
         self.net = backbone.module.to(device)
+        self._inference = InferenceNet(self.net)  # predict()'s test-time copy, rebuilt when weights change
         self.fce = FullContextEmbedding(backbone.out_features, config.fce_steps).to(device) if config.fce else None
 
     def trainable_parameters(self):
@@ -155,9 +157,11 @@ class MatchingNet(Learner):
         if self.fce is not None:
             self.fce.train(on)
 
-    def episode_logits(self, support_x, support_y, query_x, ways: int) -> torch.Tensor:
-        """Embed support [S, C, H, W] and queries [Q, C, H, W] in one batch -> log P [Q, ways]."""
-        emb = self.net(torch.cat([support_x, query_x]))
+    def episode_logits(self, support_x, support_y, query_x, ways: int, embed=None) -> torch.Tensor:
+        """Embed support [S, C, H, W] and queries [Q, C, H, W] in one batch -> log P [Q, ways].
+
+        embed: the backbone to embed with (default: the trainable network)."""
+        emb = (self.net if embed is None else embed)(torch.cat([support_x, query_x]))
         n = support_x.shape[0]
         support_emb, query_emb = emb[:n], emb[n:]
         if self.fce is not None:
@@ -178,10 +182,14 @@ class MatchingNet(Learner):
                           ways=ways, shots=shots, queries=queries, lr_step=c.lr_step, lr_gamma=c.lr_gamma)
 
     def predict(self, support_x, support_y, query_x):
-        """support_x [S, C, H, W], support_y [S], query_x [Q, C, H, W] -> log-probabilities [Q, ways]."""
+        """support_x [S, C, H, W], support_y [S], query_x [Q, C, H, W] -> log-probabilities [Q, ways].
+
+        The backbone runs as a test-time copy (:class:`metabench.inference.InferenceNet`), checked
+        against the plain network on first use; the full-context embedding, if any, runs as trained.
+        """
         self.train_mode(False)  # running BatchNorm statistics: queries do not influence each other
         with torch.no_grad():
-            return self.episode_logits(support_x, support_y, query_x, self.protocol.ways)
+            return self.episode_logits(support_x, support_y, query_x, self.protocol.ways, embed=self._inference)
 
 
 @hookimpl

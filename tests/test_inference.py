@@ -153,3 +153,52 @@ def test_protonet_predict_matches_the_plain_network():
     expected = prototype_logits(emb[:25], sy, emb[25:], 5)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
     assert torch.equal(logits.argmax(1), expected.argmax(1))
+
+
+def _kanji_5w5s():
+    from metabench_plugins.kanji import protocols
+
+    return next(p for p in protocols() if p.name == "kanji-5w5s")
+
+
+def test_matchingnet_predict_runs_the_test_time_copy_and_matches_the_plain_network():
+    from metabench_plugins.matchingnet import MatchingNet, MatchingNetConfig
+
+    for fce in (False, True):
+        torch.manual_seed(0)
+        learner = MatchingNet(MatchingNetConfig(fce=fce), conv4(1, 28, width=8), _kanji_5w5s(), torch.device("cpu"))
+        learner.net.load_state_dict(trained_conv4().state_dict())
+        sx, qx = torch.rand(25, 1, 28, 28), torch.rand(75, 1, 28, 28)
+        sy = torch.arange(5).repeat_interleave(5)
+        learner.train_mode(True)  # predict must switch to running statistics itself
+        out = learner.predict(sx, sy, qx)
+        assert learner._inference.builds == 1 and learner._inference.form != "plain"
+        learner.train_mode(False)
+        with torch.no_grad():
+            expected = learner.episode_logits(sx, sy, qx, 5)  # the plain eval-mode backbone
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+        assert torch.equal(out.argmax(1), expected.argmax(1))
+
+
+@pytest.mark.parametrize("name", ["baseline", "baseline++"])
+def test_baseline_predict_embeds_with_the_test_time_copy_and_matches_the_plain_network(name):
+    from metabench_plugins.baseline import Baseline, BaselineConfig, BaselinePlusPlus, BaselinePlusPlusConfig
+
+    cls, config = (Baseline, BaselineConfig) if name == "baseline" else (BaselinePlusPlus, BaselinePlusPlusConfig)
+    torch.manual_seed(0)
+    learner = cls(config(finetune_steps=20), conv4(1, 28, width=8), _kanji_5w5s(), torch.device("cpu"))
+    learner.net.load_state_dict(trained_conv4().state_dict())
+    learner.net.train()
+    sx, qx = torch.rand(25, 1, 28, 28), torch.rand(75, 1, 28, 28)
+    sy = torch.arange(5).repeat_interleave(5)
+    out = learner.predict(sx, sy, qx)
+    assert learner._inference.builds == 1 and learner._inference.form != "plain" and not learner.net.training
+
+    def plain(x):  # the plain eval-mode network, as predict embedded before the test-time copy
+        with torch.no_grad():
+            return learner.net.eval()(x)
+
+    learner._inference = plain
+    expected = learner.predict(sx, sy, qx)
+    torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-4)
+    assert torch.equal(out.argmax(1), expected.argmax(1))
