@@ -7,7 +7,7 @@ whose predicted class differs, the largest output difference, the seconds each w
 all episodes, the form the copy took, and how many per-episode results (of the copy's path)
 equal the stored leaderboard result of that seed, if there is one.
 
-    python benchmarks/check_inference.py matchingnet [--task kanji-5w1s] [--seed 0]
+    python benchmarks/check_inference.py matchingnet [--task kanji-5w1s] [--seed 0] [--budget quick] [--episodes N]
 
 Works for learners whose ``predict`` embeds through ``self._inference`` (protonet, matchingnet,
 baseline, baseline++). A run takes the learner's quick training time (2-8 minutes here).
@@ -34,6 +34,8 @@ def main(argv=None) -> int:
     p.add_argument("learner")
     p.add_argument("--task", default="kanji-5w1s")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget", default="quick", help="training budget (default quick, as the leaderboard)")
+    p.add_argument("--episodes", type=int, help="only the first N evaluation episodes (default all)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     host = get_host()
@@ -67,8 +69,10 @@ def main(argv=None) -> int:
         return a
 
     cls.predict = both
-    doc = execute(RunRequest(learner=args.learner, task=args.task, budget="quick", seed=args.seed), host)
-    stored = sorted((ROOT / "leaderboards" / "results" / args.task / args.learner).glob(f"*__quick__seed{args.seed}__*.json"))
+    doc = execute(RunRequest(learner=args.learner, task=args.task, budget=args.budget, seed=args.seed,
+                             episodes=args.episodes), host)
+    stored = sorted((ROOT / "leaderboards" / "results" / args.task / args.learner).glob(
+        f"*__{args.budget}__seed{args.seed}__*.json"))
     if stored:
         published = json.loads(stored[-1].read_text())["per_episode"]
         stats["per_episode_equal_to_stored"] = f"{sum(x == y for x, y in zip(doc['per_episode'], published))}/{len(published)}"

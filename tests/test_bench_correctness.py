@@ -236,3 +236,18 @@ def test_task_batching_auto_picks_vmap_on_cuda_only(learner_name, device, option
     learner.device = torch.device(device)
     learner.check_meta_gradient_options(learner_name)
     assert learner.config.task_batching == expected
+
+
+def test_check_inference_compares_both_paths(tmp_path):
+    """The test-time-copy check runs end to end (smoke budget, 3 episodes) and finds the copy
+    in use and agreeing with the plain network."""
+    import os
+
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "check_inference.py"), "matchingnet",
+                          "--budget", "smoke", "--episodes", "3"], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    stats = json.loads(out.stdout.strip().splitlines()[-1])
+    assert stats["episodes"] == 3 and stats["queries"] == 3 * 5 * 15
+    assert stats["form"] in ("frozen", "folded") and stats["predicted_class_differs"] == 0
+    assert stats["max_abs_output_difference"] < 1e-3
