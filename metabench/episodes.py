@@ -53,6 +53,10 @@ class TrainSampler:
     one-per-call drawing would have left it, the waiting episodes are dropped, and this sampler
     stops reading ahead (a learner that alternates shapes would otherwise pay for episodes it
     never takes).
+
+    The images of episodes read ahead together (and of one :meth:`sample_many` block) are
+    non-overlapping views of one tensor, which stays alive while any of them does: a learner that
+    keeps many episodes (a replay buffer) should keep clones, or set ``read_ahead = False``.
     """
 
     #: the most episodes :meth:`sample` reads ahead
