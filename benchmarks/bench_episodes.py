@@ -297,7 +297,9 @@ def main(argv=None) -> None:
             md.append(f"- {size[0]} px: a loader that drew as metabench does (its faster draw) and then only copied "
                       "float32 images at the cache-resident floor's speed "
                       f"would reach 1 / (1/floor + 1/draw) = {bound:,.0f} episodes/s = "
-                      f"{bound / d['learn2learn TaskDataset']['episodes_per_s']:.1f}x learn2learn's pipeline.")
+                      f"{bound / d['learn2learn TaskDataset']['episodes_per_s']:.1f}x learn2learn's pipeline. An optimistic "
+                      "bound: a real episode's images are random rows of the split, read from main memory "
+                      "(`benchmarks/experiment_fused_gather.py` measures a gather that only converts them).")
     md += ["", f"`TrainSampler.sample` at 28 px by its read-ahead bound (`READ_AHEAD_BYTES`; the default is "
            f"{TrainSampler.READ_AHEAD_BYTES // 2**20} MiB), {args.reps} interleaved repetitions:", "", sweep_text, ""]
     for size, text in profiles.items():
