@@ -79,6 +79,12 @@ def kanji_images(size: int, classes: int | None) -> torch.Tensor:
     return torch.cat(out).contiguous()
 
 
+def bench_protocol(source: ClassImageSource) -> Protocol:
+    """The WAYS-way SHOTS-shot QUERIES-query protocol TrainSampler needs over ``source``'s images."""
+    return Protocol(name=f"bench-{WAYS}w{SHOTS}s", version=1, dataset="bench", ways=WAYS, shots=SHOTS,
+                    queries=QUERIES, episodes=1, image_size=source.images("train").shape[-1])
+
+
 # ----------------------------------------------------------------------------- variants
 def make_variants(source: ClassImageSource, n_fast: int, n_slow: int, l2l) -> tuple[dict, list[str]]:
     from PIL import Image
@@ -88,8 +94,7 @@ def make_variants(source: ClassImageSource, n_fast: int, n_slow: int, l2l) -> tu
     notes = []
     rng_c, rng_d = SplitMix64(3), SplitMix64(4)
     draws_for_materialize = [source.draw(SplitMix64(99 + i), "train", WAYS, SHOTS, QUERIES) for i in range(n_fast)]
-    protocol = Protocol(name=f"bench-{WAYS}w{SHOTS}s", version=1, dataset="bench", ways=WAYS, shots=SHOTS,
-                        queries=QUERIES, episodes=1, image_size=images.shape[-1])
+    protocol = bench_protocol(source)
     reading_ahead, one_per_call, batched = (TrainSampler(protocol, source, seed=s) for s in (1, 2, 3))
     one_per_call.read_ahead = False
     reading_ahead.sample()  # its first call learns the episode's size; later ones read ahead
@@ -197,8 +202,7 @@ def make_variants(source: ClassImageSource, n_fast: int, n_slow: int, l2l) -> tu
 
 def read_ahead_sweep(source: ClassImageSource, n: int, reps: int) -> tuple[str, dict]:
     """``TrainSampler.sample`` rate for several ``READ_AHEAD_BYTES`` (interleaved repetitions)."""
-    protocol = Protocol(name=f"bench-{WAYS}w{SHOTS}s", version=1, dataset="bench", ways=WAYS, shots=SHOTS,
-                        queries=QUERIES, episodes=1, image_size=source.images("train").shape[-1])
+    protocol = bench_protocol(source)
     variants = {}
     for mib in (0.5, 1, 2, 4, 8):
         sampler = TrainSampler(protocol, source, seed=11)
@@ -225,8 +229,7 @@ def profile_draw(source: ClassImageSource, n: int) -> str:
     import io
     import pstats
 
-    protocol = Protocol(name=f"bench-{WAYS}w{SHOTS}s", version=1, dataset="bench", ways=WAYS, shots=SHOTS,
-                        queries=QUERIES, episodes=1, image_size=source.images("train").shape[-1])
+    protocol = bench_protocol(source)
     sampler = TrainSampler(protocol, source, seed=7)
     prof = cProfile.Profile()
     prof.enable()

@@ -269,7 +269,7 @@ class ClassImageSource(DataSource):
         A subclass that overrides :meth:`materialize` (e.g. to rotate images) gets one
         ``materialize`` call per draw unless it overrides this method too."""
         if type(self).materialize is not ClassImageSource.materialize:
-            return [self.materialize(d, split) for d in draws]
+            return DataSource.materialize_many(self, draws, split)
         images = self.images(split)
         per_image = images[0].numel() * 4 if len(images) else 1
         out, group, group_bytes = [], [], 0
