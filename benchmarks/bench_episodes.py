@@ -26,7 +26,9 @@ Every variant runs with glibc's malloc thresholds raised, as in ``metabench run`
 alone (where metabench's time goes); an attempt that keeps a float32 copy of the split and only
 gathers (no uint8 -> float32 scaling, 4x the memory); and the memory floor: copying one episode's
 float32 images (``torch.Tensor.copy_`` of a same-sized block that stays in the caches), the least
-any loader must do to hand over float32 images.
+any loader must do to hand over float32 images. Per size, ``episode_time_budget`` times the pieces
+of one episode alone (draw, the uint8 gather, conversion and / 255 passes of ``materialize``, a
+float32 write) next to a Conv4 forward + backward on the same images.
 """
 from __future__ import annotations
 
@@ -223,6 +225,67 @@ def read_ahead_sweep(source: ClassImageSource, n: int, reps: int) -> tuple[str, 
     return text, {name: {"episodes_per_s": result.rate(name), "times_s": result.times[name]} for name in variants}
 
 
+def episode_time_budget(source: ClassImageSource, n: int, steps: int, reps: int) -> tuple[str, dict]:
+    """Where one episode's time goes at this size, each piece alone (interleaved repetitions, µs
+    per episode): the draw (``draw_many``, as the read-ahead draws), the three passes of
+    ``materialize`` (uint8 gather of the rows, uint8 -> float32 conversion, in-place / 255; each
+    into a buffer reused across calls, so no allocation is counted), materialize itself, writing a
+    float32 episode and nothing else (``fill_``), and ``steps`` forward + backward passes of Conv4
+    (32 and 64 filters) on the episode's 100 images, next to which a training loop spends a loader's
+    time."""
+    from metabench_plugins.conv4 import conv4
+
+    draws = source.draw_many(SplitMix64(5), "train", n, WAYS, SHOTS, QUERIES)
+    rows = [torch.tensor(d.support + d.query) for d in draws]
+    images = source.images("train")
+    gathered = torch.empty((len(rows[0]), *images.shape[1:]), dtype=torch.uint8)
+    scaled = torch.empty(gathered.shape)
+
+    def passes(fn):
+        def run():
+            for r in rows:
+                fn(r)
+        return run, n
+
+    def gather(r):
+        torch.index_select(images, 0, r, out=gathered)
+
+    def convert(_):
+        scaled.copy_(gathered)
+
+    def divide(_):
+        scaled.div_(255.0)
+
+    def write(_):
+        scaled.fill_(0.5)
+
+    def step(width: int):
+        net = conv4(images.shape[1], images.shape[-1], width=width).module
+        episode = source.materialize(draws[0], "train")
+        x = torch.cat([episode.support_x, episode.query_x])  # [100, C, H, W]
+
+        def run():
+            for _ in range(steps):
+                net.zero_grad(set_to_none=True)
+                net(x).sum().backward()
+        return run, steps
+
+    variants = {
+        "draw (draw_many, per episode)": (lambda: source.draw_many(SplitMix64(9), "train", n, WAYS, SHOTS, QUERIES), n),
+        "uint8 gather of the episode's rows": passes(gather),
+        "uint8 -> float32 conversion": passes(convert),
+        "/ 255 in place": passes(divide),
+        "materialize (the three passes, fresh output)": passes(lambda r: images.index_select(0, r).float().div_(255.0)),
+        "write a float32 episode only (fill_)": passes(write),
+        "Conv4-32 forward + backward on the episode": step(32),
+        "Conv4-64 forward + backward on the episode": step(64),
+    }
+    result = common.interleaved(variants, reps=reps)
+    us = {name: 1e6 / result.rate(name) for name in variants}
+    table_rows = [[name, f"{us[name]:,.1f}", f"{result.spread(name):.0%}"] for name in variants]
+    return common.table(["piece", "µs per episode", "spread"], table_rows), us
+
+
 def profile_draw(source: ClassImageSource, n: int) -> str:
     """cProfile of ``TrainSampler.sample`` (reading ahead): the top entries by own time."""
     import cProfile
@@ -251,7 +314,7 @@ def main(argv=None) -> None:
     l2l = common.peer("learn2learn")
     n_fast, n_slow = (50, 5) if args.quick else (2000, 40)
     sizes = [(28, 60), (84, 60)] if args.quick else [(28, None), (84, 600)]
-    rows, data, notes, profiles = [], {}, [], {}
+    rows, data, notes, profiles, budgets = [], {}, [], {}, {}
     for size, classes in sizes:
         source = ArraySource(kanji_images(size, classes), per_class=20)
         source.prepare("train")
@@ -272,6 +335,7 @@ def main(argv=None) -> None:
                                                for n in variants}
         data[f"{size}px"]["images"] = list(source.images("train").shape)
         profiles[size] = profile_draw(source, 200 if args.quick else 2000)
+        budgets[size], data[f"{size}px"]["time_budget_us"] = episode_time_budget(source, n_fast, 1 if args.quick else 2, args.reps)
         if size == 28:
             sweep_text, data["read_ahead_sweep_28px"] = read_ahead_sweep(source, n_fast, args.reps)
     md = [f"5-way {SHOTS}-shot {QUERIES}-query episodes per second (median of {args.reps} interleaved "
@@ -303,6 +367,27 @@ def main(argv=None) -> None:
                       f"{bound / d['learn2learn TaskDataset']['episodes_per_s']:.1f}x learn2learn's pipeline. An optimistic "
                       "bound: a real episode's images are random rows of the split, read from main memory "
                       "(`benchmarks/experiment_fused_gather.py` measures a gather that only converts them).")
+    for size, text in budgets.items():
+        d = data[f"{size}px"]
+        us = d["time_budget_us"]
+        loader_us = 1e6 / d["metabench"]["episodes_per_s"]
+        md += ["", f"Where one {size} px episode's time goes, each piece measured alone ({args.reps} interleaved "
+               "repetitions; the three passes of `materialize` each into a buffer reused across calls):", "", text, ""]
+        md.append(f"- The loader's time per episode ({loader_us:,.1f} µs at the `metabench` rate above) is "
+                  f"{loader_us / us['Conv4-32 forward + backward on the episode']:.2%} of one Conv4-32 and "
+                  f"{loader_us / us['Conv4-64 forward + backward on the episode']:.2%} of one Conv4-64 forward + "
+                  "backward on the same images.")
+        if "learn2learn TaskDataset" in d:
+            target_us = 1e6 / (40 * d["learn2learn TaskDataset"]["episodes_per_s"])
+            draw, gather = us["draw (draw_many, per episode)"], us["uint8 gather of the episode's rows"]
+            convert, divide = us["uint8 -> float32 conversion"], us["/ 255 in place"]
+            serial = draw + gather + convert
+            verdict = ("within it" if serial + divide <= target_us else
+                       "so only a kernel that overlaps reading the rows from main memory with writing float32 could "
+                       "come under it (`benchmarks/experiment_fused_gather.py` measures one)" if serial > target_us else
+                       "so a one-pass gather + scaling could come under it")
+            md.append(f"- 40x learn2learn's rate leaves {target_us:,.1f} µs per episode. Draw + gather + conversion "
+                      f"take {serial:,.1f} µs one after another, and the / 255 pass {divide:,.1f} µs more: {verdict}.")
     md += ["", f"`TrainSampler.sample` at 28 px by its read-ahead bound (`READ_AHEAD_BYTES`; the default is "
            f"{TrainSampler.READ_AHEAD_BYTES // 2**20} MiB), {args.reps} interleaved repetitions:", "", sweep_text, ""]
     for size, text in profiles.items():
