@@ -8,6 +8,9 @@ weights and tasks must agree with metabench's loop to 1e-5 (relative to the larg
 Achieved FLOP/s: the FLOPs of one metabench step counted by ``torch.utils.flop_counter``
 (convolutions and matmuls of the forward, backward and double-backward passes) divided by the
 step's median time, as a fraction of this machine's measured float32 matmul FLOP/s.
+
+Every variant runs under metabench's malloc setting, as in ``metabench run`` (metabench/malloc.py);
+benchmark 3 measures what that setting changes, against glibc's defaults.
 """
 from __future__ import annotations
 
@@ -89,6 +92,9 @@ def count_flops(template, tasks, steps) -> float:
 
 def main(argv=None) -> None:
     args = common.parse(common.arg_parser(__doc__.splitlines()[0], reps=5), argv)
+    from metabench.malloc import tune_glibc_malloc
+
+    tuned = tune_glibc_malloc()  # as `metabench run` does (metabench/malloc.py), for every variant alike
     l2l, higher, torchopt = common.peer("learn2learn"), common.peer("higher"), common.peer("torchopt")
     classes = variant_classes(l2l, higher, torchopt)
     notes = [common.skipped(n) for n, m in (("learn2learn", l2l), ("higher", higher), ("torchopt", torchopt))
@@ -133,7 +139,9 @@ def main(argv=None) -> None:
     md = [f"Second-order MAML, {WAYS}-way {SHOTS}-shot {QUERIES}-query, meta-batch {META_BATCH}, Adam step "
           f"included; tasks/s = median of {args.reps} interleaved repetitions of {steps_per_rep} steps; ratios "
           "are per repetition (same run), then the median. Last column: float64 meta-gradient difference from "
-          f"metabench's loop, relative to its largest entry (must be below {TOLERANCE}).", "",
+          f"metabench's loop, relative to its largest entry (must be below {TOLERANCE}). glibc malloc: "
+          + ("metabench's setting for every variant, as `metabench run` has it (metabench/malloc.py; section 3 "
+             "compares it with glibc's defaults)." if tuned else "glibc's defaults."), "",
           common.table(["setup", "variant", "tasks/s", "spread", "vs metabench loop", "vs learn2learn",
                         "meta-grad diff"], rows), "",
           f"Measured float32 matmul peak of this machine: {peak / 1e9:.1f} GFLOP/s.", ""]
