@@ -21,7 +21,7 @@ upscaled to 3 x 84 x 84, miniImageNet's shape):
                     ``FusedNWaysKShots`` + ``LoadData`` + ``RemapLabels`` + ``ConsecutiveLabels``
                     (learn2learn's own benchmark recipe), then the support/query split.
 
-Every variant runs with glibc's malloc thresholds raised, as in ``metabench run``
+Every variant runs under metabench's glibc malloc setting, as in ``metabench run``
 (metabench/malloc.py). Also measured: draw alone (one per call and ``draw_many``) and materialize
 alone (where metabench's time goes); an attempt that keeps a float32 copy of the split and only
 gathers (no uint8 -> float32 scaling, 4x the memory); and the memory floor: copying one episode's

@@ -283,7 +283,7 @@ def main(argv=None) -> None:
     parser = common.arg_parser(__doc__.splitlines()[0], reps=5)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (it takes ~20 s per model)")
     parser.add_argument("--default-malloc", action="store_true",
-                        help="leave glibc's malloc thresholds alone (metabench run raises them: metabench/malloc.py)")
+                        help="leave glibc's malloc at its defaults (metabench run tunes it: metabench/malloc.py)")
     args = common.parse(parser, argv)
     from metabench.malloc import tune_glibc_malloc
 
@@ -307,8 +307,8 @@ def main(argv=None) -> None:
     data["maml"] = d
     md = [f"Test episodes per second, conv4-{width}, {n} episodes per repetition, median of {args.reps} "
           "interleaved repetitions; 'vs eager' per repetition then median; 'same argmax': share of queries predicted "
-          "as by eager; 'max |dlogit|': largest logit difference from eager. glibc malloc thresholds "
-          + ("raised for every variant, as `metabench run` does (metabench/malloc.py)." if tuned else
+          "as by eager; 'max |dlogit|': largest logit difference from eager. glibc malloc: "
+          + ("metabench's setting for every variant, as `metabench run` has it (metabench/malloc.py)." if tuned else
              "left at glibc's defaults."), "",
           common.table(["learner", "variant", "episodes/s", "spread", "vs eager", "same argmax", "max |dlogit|"], rows)]
     if not compile_too:
