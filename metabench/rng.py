@@ -134,29 +134,43 @@ class SplitMix64:
         self._state = (self._state + total * _GAMMA) & _MASK
         out, pos = [], 0
         for r, (n, k) in enumerate(requests):
-            start = 0 if starts is None else starts(r, out) if callable(starts) else starts[r]
-            if 4 * k >= n:
-                pool = list(range(start, start + n))
-                picks = [0] * k
-                for i, j in enumerate(js[pos:pos + k]):
-                    picks[i] = pool[j]
-                    pool[j] = pool[i]
-            else:
-                swapped: dict[int, int] = {}
-                picks = []
-                for i, j in enumerate(js[pos:pos + k]):
-                    picks.append(swapped.get(j, j) + start)
-                    swapped[j] = swapped.get(i, i)
-            out.append(picks)
+            out.append(_fisher_yates_picks(n, js[pos:pos + k], _request_start(starts, r, out)))
             pos += k
         return out
 
     def _one_by_one(self, requests, starts) -> list[list[int]]:
         out: list[list[int]] = []
         for r, (n, k) in enumerate(requests):
-            start = 0 if starts is None else starts(r, out) if callable(starts) else starts[r]
+            start = _request_start(starts, r, out)
             out.append([start + j for j in self.sample(n, k)])
         return out
+
+
+def _request_start(starts, r: int, done: list[list[int]]) -> int:
+    """The shift of request ``r``'s picks in :meth:`SplitMix64.samples` (0 without ``starts``)."""
+    if starts is None:
+        return 0
+    return starts(r, done) if callable(starts) else starts[r]
+
+
+def _fisher_yates_picks(n: int, partners: list[int], start: int) -> list[int]:
+    """The picks of a partial Fisher-Yates over range(n), shifted by ``start``, given each step
+    i's swap partner j (i <= j < n): the swaps of :meth:`SplitMix64.sample`, which inlines them
+    next to its generator (a list for the pool when most of range(n) is drawn, else a sparse map)."""
+    k = len(partners)
+    if 4 * k >= n:
+        pool = list(range(start, start + n))
+        picks = [0] * k
+        for i, j in enumerate(partners):
+            picks[i] = pool[j]
+            pool[j] = pool[i]
+        return picks
+    swapped: dict[int, int] = {}
+    picks = []
+    for i, j in enumerate(partners):
+        picks.append(swapped.get(j, j) + start)
+        swapped[j] = swapped.get(i, i)
+    return picks
 
 
 _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
