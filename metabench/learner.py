@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
@@ -84,6 +84,16 @@ class Learner(abc.ABC):
     @abc.abstractmethod
     def meta_train(self, ctx: TrainContext) -> None:
         """Meta-train (and optionally pre-train) for the budget set in ``self.config``."""
+
+    def predict_after_steps(self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor,
+                            steps: Sequence[int]) -> dict[int, torch.Tensor] | None:
+        """Predictions after each of ``steps`` test-time adaptation steps, for learners that adapt
+        by gradient steps (MAML, Reptile, ...): ``{k: predictions after k steps}``, each shaped as
+        :meth:`predict`'s output. The harness records the metric after each (regression tasks:
+        ``per_step`` in the result, the curve of Finn et al. 2017, Figure 3). None (the default):
+        the learner has no step count to vary.
+        """
+        return None
 
     @abc.abstractmethod
     def predict(self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,8 @@ Schema (version 1), the keys other tools may rely on::
     learner {name, plugin, version, config}, backbone {name, options}, seed, budget,
     per_episode [float, one per test episode, in episode order],
     summary {mean, std, n, ci95, ci_method}, timing {meta_train_s, eval_s},
+    per_step (optional; regression learners that adapt by steps) {"1": [...], "5": [...], "10": [...]}:
+        the metric of every episode after that many test-time steps (null where it was not finite),
     environment {python, torch, device, git_commit}
 """
 from __future__ import annotations
@@ -64,8 +66,28 @@ def schema_problems(doc: Any, spec: dict = _REQUIRED, where: str = "") -> list[s
         if len(per) != doc["task"]["episodes"] or len(per) != doc["summary"]["n"]:
             problems.append(f"per_episode has {len(per)} values but task.episodes is {doc['task']['episodes']} "
                             f"and summary.n is {doc['summary']['n']}")
+        problems.extend(per_step_problems(doc))
         if doc["schema_version"] != SCHEMA_VERSION:
             problems.append(f"schema_version {doc['schema_version']} is not supported (this metabench reads {SCHEMA_VERSION})")
+    return problems
+
+
+def per_step_problems(doc: dict) -> list[str]:
+    """What is wrong with the optional ``per_step`` entry: {"<steps>": [metric per episode, or null]}."""
+    if "per_step" not in doc:
+        return []
+    per_step = doc["per_step"]
+    if not isinstance(per_step, dict) or not per_step:
+        return ["per_step must be a non-empty object"]
+    problems = []
+    for key, values in per_step.items():
+        if not key.isdigit():
+            problems.append(f"per_step key {key!r} is not a step count")
+        elif not isinstance(values, list) or len(values) != len(doc["per_episode"]):
+            problems.append(f"per_step.{key} must list one value per episode ({len(doc['per_episode'])})")
+        elif not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+                     for v in values):
+            problems.append(f"per_step.{key} must hold finite numbers or null")
     return problems
 
 

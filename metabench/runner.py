@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import inspect
+import math
 import platform
 import subprocess
 import time
@@ -26,6 +27,9 @@ from .stats import summarize
 from .task import Protocol
 
 SMOKE_EPISODES = 20
+#: Test-time step counts after which regression results also record the metric (``per_step``):
+#: Finn et al. 2017 report sine regression after 1 and up to 10 gradient steps.
+REPORTED_STEPS = (1, 5, 10)
 
 
 class Progress(_Interface):
@@ -111,6 +115,31 @@ def score(protocol: Protocol, output: torch.Tensor, query_y: torch.Tensor, who: 
         got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
         raise PluginError(f"{who}: predict returned {got}; expected predictions of shape {tuple(query_y.shape)}")
     return torch.mean((output.double() - query_y.double()) ** 2).item()
+
+
+def metric_after_steps(learner: Learner, protocol: Protocol, source, draws, device, who: str) -> dict | None:
+    """The metric of every episode after each of :data:`REPORTED_STEPS` test-time steps, for a
+    learner that adapts by steps (``{"1": [...], "5": [...], "10": [...]}``, a non-finite value as
+    None), or None when the learner has no step count to vary."""
+    curves: dict[int, list[float | None]] = {k: [] for k in REPORTED_STEPS}
+    for i, draw in enumerate(draws):
+        episode = source.materialize(draw, protocol.eval_split).to(device)
+        try:
+            with torch.no_grad():
+                outputs = learner.predict_after_steps(episode.support_x, episode.support_y, episode.query_x,
+                                                      REPORTED_STEPS)
+        except Exception as exc:
+            raise PluginFailed(f"{who} failed in predict_after_steps (episode {i}): {type(exc).__name__}: {exc}") from exc
+        if outputs is None:
+            return None
+        if not isinstance(outputs, dict) or set(outputs) != set(REPORTED_STEPS):
+            got = sorted(outputs) if isinstance(outputs, dict) else type(outputs).__name__
+            raise PluginError(f"{who}: predict_after_steps returned {got}; expected a dict with keys "
+                              f"{list(REPORTED_STEPS)}")
+        for k in REPORTED_STEPS:
+            value = score(protocol, outputs[k], episode.query_y, who)
+            curves[k].append(value if math.isfinite(value) else None)
+    return {str(k): values for k, values in curves.items()}
 
 
 def prepare_split(source, split: str, plugin: str, progress: Progress) -> None:
@@ -226,6 +255,7 @@ def execute(request: RunRequest, host: PluginHost, progress: Progress | None = N
         value = score(protocol, output, episode.query_y, who)
         per_episode.append(value)
         progress.update("evaluate", i + 1, mean=sum(per_episode) / len(per_episode))
+    per_step = metric_after_steps(learner, protocol, source, draws, device, who) if protocol.problem == "regression" else None
     eval_s = time.perf_counter() - started
 
     cls = entry.obj
@@ -251,6 +281,7 @@ def execute(request: RunRequest, host: PluginHost, progress: Progress | None = N
         "budget": request.budget,
         "per_episode": per_episode,
         "summary": summarize(per_episode).to_dict(),
+        **({"per_step": per_step} if per_step is not None else {}),
         "timing": {"meta_train_s": round(meta_train_s, 3), "eval_s": round(eval_s, 3)},
         "environment": {
             "python": platform.python_version(), "torch": torch.__version__, "device": str(device),

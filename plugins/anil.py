@@ -27,6 +27,7 @@ from torch import nn
 from torch.func import functional_call
 
 from metabench import hookimpl
+from metabench.stacked_tasks import stacked_meta_loss
 
 from .maml import CONFIGS, MAML, adapt
 
@@ -66,6 +67,7 @@ class ANIL(MAML):
         "regression": dict(MAML.problem_defaults["regression"]),
     }
     budgets = {name: dict(values) for name, values in MAML.budgets.items()}
+    task_batchings = frozenset({"loop", "stacked"})
 
     @property
     def body(self) -> nn.Module:
@@ -77,6 +79,10 @@ class ANIL(MAML):
 
     def meta_loss(self, tasks) -> torch.Tensor:
         c, params = self.config, self.meta_params()
+        if c.task_batching == "stacked":  # the same meta-loss: only the head's copies are per task
+            head = [n for n in params if n.startswith("1.")]
+            return stacked_meta_loss(self.model, params, tasks, c.inner_lr, c.inner_steps, c.first_order, self.loss,
+                                     only=head)
         return anil_meta_loss(self.body, self.head, split_params(params, "0."), split_params(params, "1."), tasks,
                               c.inner_lr, c.inner_steps, c.first_order, self.loss)
 
@@ -86,14 +92,23 @@ class ANIL(MAML):
         support_x [S, ...], support_y [S] (regression: [S, out_dim]), query_x [Q, ...] ->
         logits [Q, ways] (regression: predictions [Q, out_dim]). The meta-parameters are left untouched.
         """
+        return self.predict_after_steps(support_x, support_y, query_x, [self.config.eval_inner_steps])[
+            self.config.eval_inner_steps]
+
+    def predict_after_steps(self, support_x, support_y, query_x, steps):
+        """Predictions after each of ``steps`` head fine-tuning steps (one adaptation, continued)."""
         c = self.config
         with torch.no_grad():
             support, query = self.body(support_x), self.body(query_x)
-        with torch.enable_grad():
-            head = {n: p.detach().requires_grad_(True) for n, p in self.head.named_parameters()}
-            adapted = adapt(self.head, head, support, support_y, c.inner_lr, c.eval_inner_steps, True, self.loss)
-        with torch.no_grad():
-            return functional_call(self.head, {n: t.detach() for n, t in adapted.items()}, (query,))
+        out, done = {}, 0
+        head = {n: p.detach().requires_grad_(True) for n, p in self.head.named_parameters()}
+        for k in sorted(set(steps)):
+            with torch.enable_grad():
+                head = adapt(self.head, head, support, support_y, c.inner_lr, k - done, True, self.loss)
+            done = k
+            with torch.no_grad():
+                out[k] = functional_call(self.head, {n: t.detach() for n, t in head.items()}, (query,))
+        return out
 
 
 @hookimpl

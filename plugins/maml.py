@@ -41,6 +41,7 @@ from torch import nn
 from torch.func import functional_call
 
 from metabench import Learner, hookimpl
+from metabench.stacked_tasks import can_stack, stacked_meta_loss
 
 from . import configs
 
@@ -149,11 +150,13 @@ class MAMLConfig:
                       published code used as many as shots, except 15 on mini-ImageNet)
     task_batching:    "loop": the meta-batch's tasks one after another; "vmap": all tasks in one
                       ``torch.func.vmap`` with per-task BatchNorm statistics (the same
-                      meta-gradient; on an H200 GPU 1.8-2.1x the loop's tasks/s at meta-batch 4 and
-                      4.7-13x at 32; on a 2-core CPU 1.8-3x slower: benchmarks/RESULTS.md); "auto"
-                      (default): "vmap" on a CUDA device, "loop" elsewhere and whenever
-                      per_task_backward or inner_checkpoint is set or a subclass computes its own
-                      meta-loss (the result records which one ran)
+                      meta-gradient; speed on CPU and GPU in benchmarks/RESULTS.md); "stacked":
+                      fully connected models only (the ``mlp`` backbone), every task's copy of the
+                      weights stacked and each layer one batched matrix product
+                      (:mod:`metabench.stacked_tasks`; the same meta-gradient); "auto" (default):
+                      "stacked" where the model allows it, else "vmap" on a CUDA device, else
+                      "loop"; always "loop" when per_task_backward or inner_checkpoint is set
+                      (the result records which one ran)
     per_task_backward: differentiate each task's query loss as soon as its inner loop is done,
                       so one task's graph is alive at a time instead of the meta-batch's (the
                       same meta-gradient, less memory)
@@ -177,7 +180,7 @@ class MAMLConfig:
     inner_checkpoint: bool = False
 
 
-TASK_BATCHING = ("auto", "loop", "vmap")
+TASK_BATCHING = ("auto", "loop", "vmap", "stacked")
 
 
 class MAML(Learner):
@@ -186,6 +189,8 @@ class MAML(Learner):
     problem_types = frozenset({"classification", "regression"})
     transductive = True
     Config = MAMLConfig
+    #: The ``task_batching`` values this learner's meta-loss implements.
+    task_batchings = frozenset({"loop", "vmap", "stacked"})
     reference = "Finn, Abbeel & Levine. Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks. ICML 2017."
     paper_config = CONFIGS / "maml.toml"
     #: Values of the settings left at 0, per problem type; ``train_queries: "shots"`` means as many
@@ -210,11 +215,11 @@ class MAML(Learner):
 
     def __init__(self, config, backbone, protocol, device):
         super().__init__(config, backbone, protocol, device)
-        self.resolve_config()
         self.loss = task_loss(protocol.problem)
         head = nn.Linear(backbone.out_features, protocol.ways)
         self.model = batch_statistics_only(nn.Sequential(backbone.module, head)).to(device)
         self.model.train()
+        self.resolve_config()
 
     def resolve_config(self) -> None:
         """Fill the settings left at 0 from :attr:`problem_defaults` and check them all."""
@@ -245,21 +250,32 @@ class MAML(Learner):
         if c.task_batching not in TASK_BATCHING:
             raise ValueError(f"{name}: task_batching must be one of {', '.join(TASK_BATCHING)}; got {c.task_batching!r}")
         for option in ("per_task_backward", "inner_checkpoint"):
-            if not isinstance(getattr(c, option), bool):
+            if not isinstance(getattr(c, option, False), bool):
                 raise ValueError(f"{name}: {option} must be true or false, got {getattr(c, option)!r}")
+        per_task = getattr(c, "per_task_backward", False) or getattr(c, "inner_checkpoint", False)
+        can = self.task_batchings
         if c.task_batching == "auto":
-            own_meta_loss = type(self).meta_loss is MAML.meta_loss
-            on_cuda = torch.device(self.device).type == "cuda"
-            batched = on_cuda and own_meta_loss and not (c.per_task_backward or c.inner_checkpoint)
-            c.task_batching = "vmap" if batched else "loop"
-        special = c.task_batching != "loop" or c.per_task_backward or c.inner_checkpoint
-        if special and type(self).meta_loss is not MAML.meta_loss:
-            raise ValueError(f"{name}: task_batching, per_task_backward and inner_checkpoint are MAML's options; "
+            if per_task:
+                c.task_batching = "loop"
+            elif "stacked" in can and can_stack(self.model, self.loss):
+                c.task_batching = "stacked"
+            elif "vmap" in can and torch.device(self.device).type == "cuda":
+                c.task_batching = "vmap"
+            else:
+                c.task_batching = "loop"
+        if c.task_batching not in can:
+            raise ValueError(f"{name}: task_batching = {c.task_batching!r} is not available for {name}; "
+                             f"accepted: auto, {', '.join(sorted(can))}")
+        if c.task_batching == "stacked" and not can_stack(self.model, self.loss):
+            raise ValueError(f"{name}: task_batching = \"stacked\" needs a fully connected backbone (Linear, "
+                             "Flatten and element-wise layers, e.g. mlp) and a cross-entropy or squared-error loss")
+        if per_task and type(self).meta_loss is not MAML.meta_loss:
+            raise ValueError(f"{name}: per_task_backward and inner_checkpoint are MAML's options; "
                              f"{name} computes its own meta-loss")
-        if c.task_batching == "vmap" and (c.per_task_backward or c.inner_checkpoint):
-            raise ValueError(f"{name}: task_batching = \"vmap\" differentiates the whole meta-batch at once; "
-                             "it cannot be combined with per_task_backward or inner_checkpoint")
-        if c.inner_checkpoint and c.first_order:
+        if c.task_batching != "loop" and per_task:
+            raise ValueError(f"{name}: task_batching = {c.task_batching!r} differentiates the whole meta-batch at "
+                             "once; it cannot be combined with per_task_backward or inner_checkpoint")
+        if getattr(c, "inner_checkpoint", False) and c.first_order:
             raise ValueError(f"{name}: inner_checkpoint is for second-order MAML (first_order keeps no inner graph)")
 
     def meta_params(self) -> dict:
@@ -271,16 +287,23 @@ class MAML(Learner):
         c, p = self.config, self.protocol
         return ctx.sampler.sample_many(c.meta_batch, ways=p.ways, shots=c.train_shots, queries=c.train_queries)
 
+    def inner_step_sizes(self):
+        """The inner loop's step size: ``inner_lr`` (Meta-SGD: its learned per-element step sizes)."""
+        return self.config.inner_lr
+
     def meta_loss(self, tasks) -> torch.Tensor:
         """The meta-loss of a meta-batch; its gradient is the meta-gradient of the optimised tensors."""
         c = self.config
+        lr = self.inner_step_sizes()
+        if c.task_batching == "stacked":
+            return stacked_meta_loss(self.model, self.meta_params(), tasks, lr, c.inner_steps, c.first_order,
+                                     self.loss)
         if c.task_batching == "vmap":
             from .maml_vmap import maml_meta_loss_vmap
 
-            return maml_meta_loss_vmap(self.model, self.meta_params(), tasks, c.inner_lr, c.inner_steps,
+            return maml_meta_loss_vmap(self.model, self.meta_params(), tasks, lr, c.inner_steps,
                                        c.first_order, self.loss)
-        return maml_meta_loss(self.model, self.meta_params(), tasks, c.inner_lr, c.inner_steps, c.first_order,
-                              self.loss)
+        return maml_meta_loss(self.model, self.meta_params(), tasks, lr, c.inner_steps, c.first_order, self.loss)
 
     def meta_backward(self, tasks) -> float:
         """Accumulate the meta-gradient of a meta-batch into the optimised tensors' ``.grad``; return the meta-loss."""
@@ -308,11 +331,29 @@ class MAML(Learner):
             opt.step()
             ctx.progress(step, c.meta_steps, loss=loss)
 
-    def adapt_for_test(self, support_x, support_y) -> dict:
-        """theta adapted on a support set with ``eval_inner_steps`` steps (first order: no graph kept)."""
-        c = self.config
-        params = {n: p.detach().requires_grad_(True) for n, p in self.model.named_parameters()}
-        return adapt(self.model, params, support_x, support_y, c.inner_lr, c.eval_inner_steps, True, self.loss)
+    def test_step_sizes(self):
+        """The step size of test-time adaptation (Meta-SGD: its learned step sizes, detached)."""
+        return self.config.inner_lr
+
+    def adapt_for_test(self, support_x, support_y, steps: int | None = None, params: dict | None = None) -> dict:
+        """theta (or ``params``, to continue an adaptation) adapted on a support set with ``steps``
+        steps (default ``eval_inner_steps``); first order: no graph is kept between steps."""
+        if params is None:
+            params = {n: p.detach().requires_grad_(True) for n, p in self.model.named_parameters()}
+        steps = self.config.eval_inner_steps if steps is None else steps
+        return adapt(self.model, params, support_x, support_y, self.test_step_sizes(), steps, True, self.loss)
+
+    def predict_after_steps(self, support_x, support_y, query_x, steps):
+        """Predictions after each of ``steps`` test-time steps, from one adaptation continued step by
+        step (the value after ``eval_inner_steps`` steps is :meth:`predict`'s, bit for bit)."""
+        out, done, params = {}, 0, None
+        for k in sorted(set(steps)):
+            with torch.enable_grad():
+                params = self.adapt_for_test(support_x, support_y, k - done, params)
+            done = k
+            with torch.no_grad():
+                out[k] = functional_call(self.model, {n: t.detach() for n, t in params.items()}, (query_x,))
+        return out
 
     def predict(self, support_x, support_y, query_x):
         """Adapt a copy of theta on the support set (``eval_inner_steps``), then predict the queries.

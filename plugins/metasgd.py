@@ -27,7 +27,7 @@ from torch import nn
 
 from metabench import hookimpl
 
-from .maml import CONFIGS, MAML, adapt, maml_meta_loss
+from .maml import CONFIGS, MAML
 
 
 @dataclass
@@ -45,6 +45,7 @@ class MetaSGDConfig:
     first_order:      do not differentiate through the inner gradient (alpha is still learned)
     train_shots:      support examples per class (regression: points) in training tasks; 0 = the protocol's
     train_queries:    queries per class (regression: points) in training tasks
+    task_batching:    "loop", "stacked" (fully connected backbones) or "auto"; as MAML's
     """
 
     meta_steps: int = 0
@@ -57,12 +58,14 @@ class MetaSGDConfig:
     first_order: bool = False
     train_shots: int = 0
     train_queries: int = 0
+    task_batching: str = "auto"
 
 
 class MetaSGD(MAML):
     """Meta-SGD (Li et al., 2017): MAML with a meta-learned step size for every parameter element."""
 
     Config = MetaSGDConfig
+    task_batchings = frozenset({"loop", "stacked"})  # vmap takes one step size for every parameter
     reference = ("Li, Zhou, Chen & Li. Meta-SGD: Learning to Learn Quickly for Few-Shot Learning. "
                  "arXiv:1707.09835, 2017.")
     paper_config = CONFIGS / "metasgd.toml"
@@ -107,16 +110,11 @@ class MetaSGD(MAML):
     def optimized_tensors(self) -> list[torch.Tensor]:
         return list(self.model.parameters()) + list(self.alpha)
 
-    def meta_loss(self, tasks) -> torch.Tensor:
-        c = self.config
-        return maml_meta_loss(self.model, self.meta_params(), tasks, self.step_sizes(), c.inner_steps,
-                              c.first_order, self.loss)
+    def inner_step_sizes(self) -> dict:
+        return self.step_sizes()
 
-    def adapt_for_test(self, support_x, support_y) -> dict:
-        c = self.config
-        params = {n: p.detach().requires_grad_(True) for n, p in self.model.named_parameters()}
-        alpha = {n: a.detach() for n, a in self.step_sizes().items()}
-        return adapt(self.model, params, support_x, support_y, alpha, c.eval_inner_steps, True, self.loss)
+    def test_step_sizes(self) -> dict:
+        return {n: a.detach() for n, a in self.step_sizes().items()}
 
 
 @hookimpl

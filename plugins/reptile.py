@@ -166,8 +166,12 @@ class Reptile(Learner):
     def fit(self, model: nn.Module, opt: torch.optim.Optimizer, x, y, steps: int, batch: int,
             generator: torch.Generator | None) -> float:
         """``steps`` optimiser steps on minibatches of (x, y); returns the mean loss of the steps."""
-        total = 0.0
-        for idx in minibatches(x.shape[0], batch, steps, generator):
+        return self.fit_batches(model, opt, x, y, minibatches(x.shape[0], batch, steps, generator))
+
+    def fit_batches(self, model: nn.Module, opt: torch.optim.Optimizer, x, y, batches: list[torch.Tensor]) -> float:
+        """One optimiser step on each minibatch (index tensor) of (x, y); returns their mean loss."""
+        total, steps = 0.0, len(batches)
+        for idx in batches:
             idx = idx.to(x.device)
             loss = self.loss(model(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
@@ -203,14 +207,25 @@ class Reptile(Learner):
         state are left untouched.
         """
         c = self.config
+        return self.predict_after_steps(support_x, support_y, query_x, [c.eval_inner_steps])[c.eval_inner_steps]
+
+    def predict_after_steps(self, support_x, support_y, query_x, steps):
+        """Predictions after each of ``steps`` fine-tuning steps of one copy of theta. The minibatch
+        order is drawn once for the longest count, so the first k batches are those of a k-step run."""
+        c = self.config
         model = copy.deepcopy(self.model)
         opt = inner_optimizer(c.inner_optimizer, model.parameters(), c.inner_lr)
         opt.load_state_dict(copy.deepcopy(self.inner.state_dict()))
         generator = torch.Generator().manual_seed(c.eval_seed)
-        with torch.enable_grad():
-            self.fit(model, opt, support_x, support_y, c.eval_inner_steps, c.eval_inner_batch, generator)
-        with torch.no_grad():
-            return model(query_x)
+        batches = minibatches(support_x.shape[0], c.eval_inner_batch, max(steps), generator)
+        out, done = {}, 0
+        for k in sorted(set(steps)):
+            with torch.enable_grad():
+                self.fit_batches(model, opt, support_x, support_y, batches[done:k])
+            done = k
+            with torch.no_grad():
+                out[k] = model(query_x)
+        return out
 
 
 @hookimpl
