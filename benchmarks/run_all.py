@@ -34,6 +34,7 @@ BENCHMARKS = {
     "memory": "bench_memory.py",
     "eval": "bench_eval.py",
     "end_to_end": "bench_end_to_end.py",
+    "sine": "bench_sine.py",
     "gpu": "bench_gpu.py",  # needs CUDA: on a GPU machine, benchmarks/gpu_run.sh; kept from its last run
 }
 HERE = Path(__file__).resolve().parent

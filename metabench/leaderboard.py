@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import MetabenchError
-from .results import load_result
+from .results import PER_STEP_COUNTS, load_result
 from .stats import Summary, paired_compare, summarize
 
 ALPHA = 0.05
@@ -178,6 +178,24 @@ class Row:
 
     def mean_of(self, key: str, sub: str) -> float:
         return math.fsum(r.doc[key][sub] for r in self.results) / len(self.results)
+
+    @property
+    def test_steps(self) -> str:
+        """The test-time step count(s) the row's metric was taken after ("-" for learners without one)."""
+        steps = sorted({str(r.doc["learner"]["config"].get("eval_inner_steps", "-")) for r in self.results})
+        return "/".join(steps)
+
+    def metric_after_steps(self, steps: str) -> tuple[float, int] | None:
+        """Mean over the row's results and episodes of the metric after ``steps`` test-time steps
+        (``per_step``), and how many episode values were not finite there; None without ``per_step``."""
+        values, bad = [], 0
+        for r in self.results:
+            curve = r.doc.get("per_step", {}).get(steps)
+            if curve is None:
+                return None
+            values += [v for v in curve if v is not None]
+            bad += sum(v is None for v in curve)
+        return (math.fsum(values) / len(values) if values else math.nan), bad
 
     @property
     def transductive(self) -> str:
@@ -365,6 +383,9 @@ def row_record(r: Row, out_dir: Path) -> dict:
         "vs_best": {"status": r.status, "p_value": _r(r.p_value), "p_holm": _r(r.p_holm),
                     "mean_diff": _r(r.mean_diff), "note": r.note},
         "results": [_link(x.path, out_dir) for x in r.results],
+        **({"test_steps": r.test_steps, "after_steps": {k: {"mean": _r(v[0]), "non_finite": v[1]}
+                                                         for k in PER_STEP_KEYS if (v := r.metric_after_steps(k))}}
+           if any(r.metric_after_steps(k) for k in PER_STEP_KEYS) else {}),
     }
 
 
@@ -400,6 +421,18 @@ def render_csv(board: Board, out_dir: Path) -> bytes:
     return buf.getvalue().encode()
 
 
+#: The ``per_step`` entries a leaderboard shows.
+PER_STEP_KEYS = tuple(str(k) for k in PER_STEP_COUNTS)
+
+
+def _after(r: Row, steps: str, metric: str) -> str:
+    value = r.metric_after_steps(steps)
+    if value is None:
+        return "-"
+    mean, bad = value
+    return fmt_num(mean, metric) + (f" ({bad} diverged)" if bad else "")
+
+
 def render_markdown(board: Board, out_dir: Path, published: list[Published]) -> bytes:
     m = board.metric
     lines = [f"# {board.task}", "",
@@ -417,6 +450,13 @@ def render_markdown(board: Board, out_dir: Path, published: list[Published]) -> 
         lines.append("")
     header = ("rank", "learner", "backbone", f"{m} (95% CI)", "episodes", "seeds", "transductive", "meta-train",
               "eval", "device", "metabench", "vs best", "results")
+    stepwise = any(r.metric_after_steps(k) for s in board.sections for r in s.rows for k in PER_STEP_KEYS)
+    if stepwise:
+        header = header[:4] + ("test steps", *(f"after {k}" for k in PER_STEP_KEYS)) + header[4:]
+        lines += [f"`test steps`: the test-time adaptation steps the {m} column is taken after; `after k`: the "
+                  f"mean {m} after k steps of the same adaptation (Finn et al. 2017 plot 0 to 9 steps), "
+                  "'-' where the result does not record it, '(n diverged)' where n episodes gave no finite value.",
+                  ""]
     for s in board.sections:
         lines += [f"## Budget `{s.budget}` · task version {s.task_version}", "",
                   "| " + " | ".join(header) + " |",
@@ -428,6 +468,8 @@ def render_markdown(board: Board, out_dir: Path, published: list[Published]) -> 
                      f"{r.mean_of('timing', 'meta_train_s'):.1f} s", f"{r.mean_of('timing', 'eval_s'):.1f} s",
                      ", ".join(r.devices), ", ".join(sorted({str(x.doc['metabench_version']) for x in r.results})),
                      r.note, links)
+            if stepwise:
+                cells = cells[:4] + (r.test_steps, *(_after(r, k, m) for k in PER_STEP_KEYS)) + cells[4:]
             lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
         if any(r.show_settings for r in s.rows):
             lines += ["", "`[xxxxxxxx]`: the learner/backbone settings differ between rows (SHA-256 prefix of "

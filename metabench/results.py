@@ -23,6 +23,9 @@ from typing import Any
 from .errors import MetabenchError
 
 SCHEMA_VERSION = 1
+#: Test-time step counts after which a regression result records the metric of every episode
+#: (``per_step``): Finn et al. 2017 report sine regression after 1 and up to 10 gradient steps.
+PER_STEP_COUNTS = (1, 5, 10)
 
 _REQUIRED: dict[str, Any] = {
     "schema_version": int,

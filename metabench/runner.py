@@ -22,14 +22,11 @@ from .episodes import TrainSampler, episodes_sha256, eval_draws
 from .errors import MetabenchError, PluginError
 from .learner import BUDGETS, Learner, TrainContext
 from .plugins import PluginHost
-from .results import SCHEMA_VERSION
+from .results import PER_STEP_COUNTS, SCHEMA_VERSION
 from .stats import summarize
 from .task import Protocol
 
 SMOKE_EPISODES = 20
-#: Test-time step counts after which regression results also record the metric (``per_step``):
-#: Finn et al. 2017 report sine regression after 1 and up to 10 gradient steps.
-REPORTED_STEPS = (1, 5, 10)
 
 
 class Progress(_Interface):
@@ -118,25 +115,25 @@ def score(protocol: Protocol, output: torch.Tensor, query_y: torch.Tensor, who: 
 
 
 def metric_after_steps(learner: Learner, protocol: Protocol, source, draws, device, who: str) -> dict | None:
-    """The metric of every episode after each of :data:`REPORTED_STEPS` test-time steps, for a
+    """The metric of every episode after each of :data:`~metabench.results.PER_STEP_COUNTS` test-time steps, for a
     learner that adapts by steps (``{"1": [...], "5": [...], "10": [...]}``, a non-finite value as
     None), or None when the learner has no step count to vary."""
-    curves: dict[int, list[float | None]] = {k: [] for k in REPORTED_STEPS}
+    curves: dict[int, list[float | None]] = {k: [] for k in PER_STEP_COUNTS}
     for i, draw in enumerate(draws):
         episode = source.materialize(draw, protocol.eval_split).to(device)
         try:
             with torch.no_grad():
                 outputs = learner.predict_after_steps(episode.support_x, episode.support_y, episode.query_x,
-                                                      REPORTED_STEPS)
+                                                      PER_STEP_COUNTS)
         except Exception as exc:
             raise PluginFailed(f"{who} failed in predict_after_steps (episode {i}): {type(exc).__name__}: {exc}") from exc
         if outputs is None:
             return None
-        if not isinstance(outputs, dict) or set(outputs) != set(REPORTED_STEPS):
+        if not isinstance(outputs, dict) or set(outputs) != set(PER_STEP_COUNTS):
             got = sorted(outputs) if isinstance(outputs, dict) else type(outputs).__name__
             raise PluginError(f"{who}: predict_after_steps returned {got}; expected a dict with keys "
-                              f"{list(REPORTED_STEPS)}")
-        for k in REPORTED_STEPS:
+                              f"{list(PER_STEP_COUNTS)}")
+        for k in PER_STEP_COUNTS:
             value = score(protocol, outputs[k], episode.query_y, who)
             curves[k].append(value if math.isfinite(value) else None)
     return {str(k): values for k, values in curves.items()}
