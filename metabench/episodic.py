@@ -23,26 +23,25 @@ def train_on_episodes(ctx: TrainContext, parameters: Iterable[torch.nn.Parameter
     Episode ``t`` is ``ctx.sampler.sample(ways=ways, shots=shots, queries=queries)``; the learning
     rate is multiplied by ``lr_gamma`` every ``lr_step`` episodes (0 = constant). The caller puts
     its modules in training mode first. Progress is reported after every step with the episode's
-    loss and query accuracy.
+    loss and query accuracy. The optimiser (and scheduler) are tracked by ``ctx``; the caller
+    tracks its own modules.
     """
-    opt = torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=lr_step, gamma=lr_gamma) if lr_step else None
-    for step in range(1, steps + 1):
+    opt = ctx.track("optimizer", torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay))
+    sched = ctx.track("scheduler", torch.optim.lr_scheduler.StepLR(opt, step_size=lr_step, gamma=lr_gamma)) \
+        if lr_step else None
+    for _ in ctx.steps("meta-train", steps):
         episode = ctx.sampler.sample(ways=ways, shots=shots, queries=queries)
         loss, scores = episode_loss(episode)
-        optimizer_step(ctx, opt, loss, scores, episode.query_y, step, steps, sched)
+        optimizer_step(ctx, opt, loss, scores, episode.query_y, sched)
 
 
 def optimizer_step(ctx: TrainContext, opt: torch.optim.Optimizer, loss: torch.Tensor, scores: torch.Tensor,
-                   labels: torch.Tensor, step: int, total: int, scheduler=None) -> None:
-    """One training step of a supervised loop: backward ``loss``, step ``opt`` (then ``scheduler``),
-    and report ``ctx.progress(step, total, loss=..., acc=...)`` where acc is the share of rows of
-    ``scores`` [B, classes] whose argmax equals ``labels`` [B]."""
+                   labels: torch.Tensor, scheduler=None) -> float:
+    """One training step of a supervised loop: backward ``loss``, then ``ctx.step`` (finite checks,
+    the gradient hook, ``opt`` and ``scheduler`` steps, progress with ``loss`` and ``acc``, the share
+    of rows of ``scores`` [B, classes] whose argmax equals ``labels`` [B]). Returns the loss."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    opt.step()
-    if scheduler is not None:
-        scheduler.step()
     with torch.no_grad():
         acc = (scores.argmax(1) == labels).float().mean().item()
-    ctx.progress(step, total, loss=loss.item(), acc=acc)
+    return ctx.step(opt, loss, scheduler=scheduler, acc=acc)

@@ -12,8 +12,9 @@ key=value`` override on top.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Sequence
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 
@@ -24,15 +25,40 @@ from .task import ClassImageSource, DataSource, Protocol
 BUDGETS = ("smoke", "quick", "paper")
 
 
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient during training; the message names the phase and step."""
+
+
+#: What the harness does between a learner's ``backward()`` and its optimiser's ``step()``:
+#: ``gradient_hook(parameters)`` with the parameters that have gradients (a no-op in one process).
+GradientHook = Callable[[list[torch.Tensor]], None]
+
+
+def _no_gradient_hook(parameters: list[torch.Tensor]) -> None:
+    pass
+
+
 @dataclass
 class TrainContext:
-    """What a learner gets for meta-training.
+    """What a learner gets for meta-training, and the harness's hold on its training steps.
 
-    sampler:  seeded training episodes (``sampler.sample(ways=, shots=, queries=)``), on ``device``
-    source:   the task's data source (``source.pooled("train")`` for pre-training on pooled classes)
-    device:   where to compute
+    sampler:   seeded training episodes (``sampler.sample(ways=, shots=, queries=)``), on ``device``
+    source:    the task's data source (``source.pooled("train")`` for pre-training on pooled classes)
+    device:    where to compute
     generator: a ``torch.Generator`` seeded from the run seed, for any other randomness
-    progress: ``progress(step, total, **metrics)``; call it as training advances
+    report:    ``report(phase, step, total, metrics)``: where progress goes (the harness's)
+
+    The training-step contract (what lets the harness checkpoint, resume, stop at a NaN and
+    synchronise gradients across processes)::
+
+        opt = ctx.track("optimizer", torch.optim.Adam(params, lr=...))   # every stateful object
+        for step in ctx.steps("meta-train", total):                       # the steps still to run
+            opt.zero_grad()
+            loss = ...; loss.backward()
+            ctx.step(opt, loss, acc=...)                                  # check, sync, step, report
+
+    A learner that keeps its own loop and calls ``ctx.progress(step, total, **metrics)`` still
+    runs; its result records ``resumable: false``.
     """
 
     protocol: Protocol
@@ -40,13 +66,69 @@ class TrainContext:
     source: DataSource
     device: torch.device
     generator: torch.Generator
-    progress: Callable[..., None]
+    report: Callable[[str, int, int, dict], None]
+    gradient_hook: GradientHook = _no_gradient_hook
+    tracked: dict[str, Any] = field(default_factory=dict)
+    #: Steps already done per phase (a resumed run starts after them).
+    done: dict[str, int] = field(default_factory=dict)
+    phase: str | None = None
+    total: int = 0
+    current: int = 0
+    harness_steps: bool = False  # the learner used :meth:`steps`
 
     def pooled_train(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All training images (uint8 [N, C, H, W]) and their class labels (int64 [N])."""
         if not isinstance(self.source, ClassImageSource):
             raise TypeError(f"{self.protocol.name} has no pooled training classes")
         return self.source.pooled(self.sampler.split)
+
+    def track(self, name: str, obj: Any) -> Any:
+        """Register a stateful object (module, optimiser, scheduler, tensor) under ``name``; returns it."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"ctx.track: name must be a non-empty string, got {name!r}")
+        if name in self.tracked and self.tracked[name] is not obj:
+            raise ValueError(f"ctx.track: {name!r} is already tracked")
+        self.tracked[name] = obj
+        return obj
+
+    def steps(self, phase: str, total: int) -> Iterator[int]:
+        """The 1-based steps of ``phase`` still to run, out of ``total``."""
+        if not isinstance(total, int) or isinstance(total, bool) or total < 0:
+            raise ValueError(f"ctx.steps: total must be a non-negative integer, got {total!r}")
+        self.harness_steps = True
+        self.phase, self.total = phase, total
+        for step in range(self.done.get(phase, 0) + 1, total + 1):
+            self.current = step
+            yield step
+            self.done[phase] = step
+
+    def step(self, optimizer: torch.optim.Optimizer | None, loss: torch.Tensor | float, *, scheduler=None,
+             parameters: list[torch.Tensor] | None = None, **metrics: float) -> float:
+        """Finish a training step whose gradients are in ``.grad``: check that the loss and the
+        gradients are finite, call the gradient hook, step ``optimizer`` (and ``scheduler``), and
+        report progress with ``loss`` and ``metrics``. ``optimizer=None``: the learner updates its
+        parameters itself (Reptile); ``parameters`` then names the ones to check. Returns the loss
+        as a float."""
+        value = loss.item() if isinstance(loss, torch.Tensor) else float(loss)
+        where = f"{self.phase or 'training'} step {self.current}"
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"the training loss is {value} at {where}")
+        if parameters is None:
+            parameters = [] if optimizer is None else [p for g in optimizer.param_groups for p in g["params"]]
+        grads = [p for p in parameters if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(p.grad).all() for p in grads]).all()):
+            raise TrainingDiverged(f"a gradient is not finite at {where}")
+        self.gradient_hook(grads)
+        if optimizer is not None:
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        self.report(self.phase or "meta-train", self.current, self.total, {"loss": value, **metrics})
+        return value
+
+    def progress(self, step: int, total: int, **metrics: float) -> None:
+        """Report progress from a learner's own loop (not resumable: see the class docstring)."""
+        self.report(self.phase or "meta-train", step, total, metrics)
 
 
 class Learner(abc.ABC):

@@ -223,10 +223,13 @@ def execute(request: RunRequest, host: PluginHost, progress: Progress | None = N
     except Exception as exc:
         raise PluginFailed(f"{who} failed to start: {type(exc).__name__}: {exc}") from exc
 
-    def report(step: int, total: int, **metrics: float) -> None:
-        if step <= 1:
-            progress.start("meta-train", total)
-        progress.update("meta-train", step, **metrics)
+    started_phases: set[str] = set()
+
+    def report(phase: str, step: int, total: int, metrics: dict) -> None:
+        if phase not in started_phases:
+            started_phases.add(phase)
+            progress.start(phase, total)
+        progress.update(phase, step, **metrics)
 
     ctx = TrainContext(protocol, TrainSampler(protocol, source, request.seed, "train", device), source, device,
                        generator, report)
@@ -271,6 +274,9 @@ def execute(request: RunRequest, host: PluginHost, progress: Progress | None = N
             "name": entry.name, "plugin": entry.plugin,
             "version": str(getattr(cls, "version", None) or host.plugins[entry.plugin].version),
             "config": dataclasses.asdict(config), "transductive": bool(cls.transductive),
+            # whether the harness owned the training steps (ctx.steps / ctx.step), so that a run
+            # can be checkpointed and resumed; false for a learner that keeps its own loop
+            "resumable": ctx.harness_steps,
         },
         "backbone": {"name": backbone_name, "options": recorded_options, "out_features": backbone.out_features,
                      "parameters": sum(p.numel() for p in backbone.module.parameters())},

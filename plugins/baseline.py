@@ -199,11 +199,14 @@ class Baseline(Learner):
         per_epoch = math.ceil(n / c.batch_size)
         total = c.pretrain_steps or c.pretrain_epochs * per_epoch
         head = Head(self.dim, classes, self.cosine, self.pretrain_scale(), ctx.generator).to(self.device)
-        opt = torch.optim.Adam(list(self.net.parameters()) + list(head.parameters()), lr=c.lr)
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=c.lr_step, gamma=c.lr_gamma) if c.lr_step else None
+        ctx.track("backbone", self.net)
+        ctx.track("pretrain_head", head)
+        opt = ctx.track("optimizer", torch.optim.Adam(list(self.net.parameters()) + list(head.parameters()), lr=c.lr))
+        sched = ctx.track("scheduler", torch.optim.lr_scheduler.StepLR(opt, step_size=c.lr_step, gamma=c.lr_gamma)) \
+            if c.lr_step else None
         self.net.train()
         order, pos = torch.randperm(n, generator=ctx.generator), 0
-        for step in range(1, total + 1):
+        for _ in ctx.steps("pre-train", total):
             if pos >= n:
                 order, pos = torch.randperm(n, generator=ctx.generator), 0
             idx = order[pos:pos + c.batch_size]
@@ -211,7 +214,7 @@ class Baseline(Learner):
             x = images[idx].to(self.device).float().div_(255.0)
             y = labels[idx].to(self.device)
             logits = head(self.net(x))
-            optimizer_step(ctx, opt, F.cross_entropy(logits, y), logits, y, step, total, sched)
+            optimizer_step(ctx, opt, F.cross_entropy(logits, y), logits, y, sched)
 
     def predict(self, support_x, support_y, query_x):
         """Fit a new head on the frozen support embeddings, score the queries: -> logits [Q, ways].

@@ -323,13 +323,17 @@ class MAML(Learner):
 
     def meta_train(self, ctx) -> None:
         c = self.config
-        opt = torch.optim.Adam(self.optimized_tensors(), lr=c.meta_lr)
-        for step in range(1, c.meta_steps + 1):
+        self.track_state(ctx)
+        opt = ctx.track("optimizer", torch.optim.Adam(self.optimized_tensors(), lr=c.meta_lr))
+        for _ in ctx.steps("meta-train", c.meta_steps):
             tasks = self.sample_tasks(ctx)
             opt.zero_grad(set_to_none=True)
             loss = self.meta_backward(tasks)
-            opt.step()
-            ctx.progress(step, c.meta_steps, loss=loss)
+            ctx.step(opt, loss)
+
+    def track_state(self, ctx) -> None:
+        """Register the learner's stateful objects with the harness (Meta-SGD adds its step sizes)."""
+        ctx.track("model", self.model)
 
     def test_step_sizes(self):
         """The step size of test-time adaptation (Meta-SGD: its learned step sizes, detached)."""

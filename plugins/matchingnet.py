@@ -178,6 +178,9 @@ class MatchingNet(Learner):
             return F.nll_loss(logits, ep.query_y), logits  # -log P(y | x^, S)
 
         self.train_mode(True)
+        ctx.track("embedding", self.net)
+        if self.fce is not None:
+            ctx.track("full_context_embeddings", self.fce)
         train_on_episodes(ctx, list(self.trainable_parameters()), episode_loss, steps=c.meta_steps, lr=c.lr,
                           ways=ways, shots=shots, queries=queries, lr_step=c.lr_step, lr_gamma=c.lr_gamma)
 

@@ -110,6 +110,10 @@ class MetaSGD(MAML):
     def optimized_tensors(self) -> list[torch.Tensor]:
         return list(self.model.parameters()) + list(self.alpha)
 
+    def track_state(self, ctx) -> None:
+        super().track_state(ctx)
+        ctx.track("step_sizes", self.alpha)
+
     def inner_step_sizes(self) -> dict:
         return self.step_sizes()
 

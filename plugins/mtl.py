@@ -315,7 +315,7 @@ class MTL(Learner):
 
     # ---------------------------------------------------------------- the three stages
 
-    def pretrain(self, ctx, total: int | None = None) -> None:
+    def pretrain(self, ctx) -> None:
         """Train the backbone (SS at identity) and a classifier over all training classes."""
         c = self.config
         if c.pretrain_steps == 0:
@@ -329,13 +329,15 @@ class MTL(Learner):
                                   weight_decay=c.pretrain_weight_decay)
         else:
             opt = torch.optim.Adam(params, lr=c.pretrain_lr, weight_decay=c.pretrain_weight_decay)
+        ctx.track("pretrain_classifier", classifier)
+        ctx.track("pretrain_optimizer", opt)
         n, batch = images.shape[0], min(c.pretrain_batch, images.shape[0])
         order, pos = torch.randperm(n, generator=ctx.generator), 0
         ss = ss_parameters(self.extractor)
         for p in ss:  # SS stays at the identity during pre-training
             p.requires_grad_(False)
         self.extractor.train()
-        for step in range(1, c.pretrain_steps + 1):
+        for step in ctx.steps("pre-train", c.pretrain_steps):
             for group in opt.param_groups:
                 group["lr"] = step_decay(c.pretrain_lr, step - 1, c.pretrain_lr_step, c.pretrain_lr_gamma,
                                          c.pretrain_min_lr)
@@ -346,7 +348,7 @@ class MTL(Learner):
             x = images[idx].to(self.device).float().div_(255.0)
             y = labels[idx].to(self.device)
             logits = classifier(self.extractor(x))
-            optimizer_step(ctx, opt, F.cross_entropy(logits, y), logits, y, step, total or c.pretrain_steps)
+            optimizer_step(ctx, opt, F.cross_entropy(logits, y), logits, y)
         for p in ss:
             p.requires_grad_(True)
         self.extractor.eval()
@@ -415,22 +417,23 @@ class MTL(Learner):
         loss = self.meta_loss(outcomes)
         self._opt.zero_grad(set_to_none=True)
         loss.backward()
-        self._opt.step()
-        self._sched.step()
+        acc = sum((o.logits.argmax(1) == o.query_y).float().mean().item() for o in outcomes) / len(outcomes)
+        value = ctx.step(self._opt, loss, scheduler=self._sched, acc=acc)
         self._meta_step += 1
         self.last_draws = draws
         self.record_failures(draws, outcomes)
-        acc = sum((o.logits.argmax(1) == o.query_y).float().mean().item() for o in outcomes) / len(outcomes)
-        return loss.item(), acc
+        return value, acc
 
     def meta_train(self, ctx) -> None:
         c = self.config
-        total = c.pretrain_steps + c.meta_steps
-        self.pretrain(ctx, total)
+        ctx.track("extractor", self.extractor)
+        ctx.track("head", self.head)
+        self.pretrain(ctx)
         self.start_meta_training()
-        for step in range(1, c.meta_steps + 1):
-            loss, acc = self.meta_step(ctx)
-            ctx.progress(c.pretrain_steps + step, total, loss=loss, acc=acc)
+        ctx.track("meta_optimizer", self._opt)
+        ctx.track("meta_scheduler", self._sched)
+        for _ in ctx.steps("meta-train", c.meta_steps):
+            self.meta_step(ctx)
 
     def predict(self, support_x, support_y, query_x):
         """Adapt a copy of theta on the support features (``eval_inner_steps``), then score the queries.

@@ -104,6 +104,7 @@ class ProtoNet(Learner):
             return F.cross_entropy(logits, ep.query_y), logits
 
         self.net.train()
+        ctx.track("embedding", self.net)
         train_on_episodes(ctx, self.net.parameters(), episode_loss, steps=c.meta_steps, lr=c.lr, ways=ways,
                           shots=shots, queries=queries, lr_step=c.lr_step, lr_gamma=c.lr_gamma,
                           weight_decay=c.weight_decay)

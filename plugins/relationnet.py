@@ -226,6 +226,8 @@ class RelationNet(Learner):
             return F.mse_loss(scores, F.one_hot(ep.query_y, ways).to(scores.dtype)), scores
 
         self.train_mode(True)
+        ctx.track("embedding", self.embed)
+        ctx.track("relation", self.relation)
         train_on_episodes(ctx, list(self.embed.parameters()) + list(self.relation.parameters()), episode_loss,
                           steps=c.meta_steps, lr=c.lr, ways=ways, shots=shots, queries=queries, lr_step=c.lr_step,
                           lr_gamma=c.lr_gamma)

@@ -182,8 +182,10 @@ class Reptile(Learner):
 
     def meta_train(self, ctx) -> None:
         c = self.config
+        ctx.track("model", self.model)
+        ctx.track("inner_optimizer", self.inner)
         params = list(self.model.parameters())
-        for step in range(1, c.meta_steps + 1):
+        for step in ctx.steps("meta-train", c.meta_steps):
             theta = [p.detach().clone() for p in params]
             phis, losses = [], []
             for _ in range(c.meta_batch):
@@ -197,7 +199,7 @@ class Reptile(Learner):
             with torch.no_grad():
                 for p, new in zip(params, reptile_step(theta, phis, eps)):
                     p.copy_(new)
-            ctx.progress(step, c.meta_steps, loss=sum(losses) / len(losses))
+            ctx.step(None, sum(losses) / len(losses))  # theta was updated above: nothing to step
 
     def predict(self, support_x, support_y, query_x):
         """Fine-tune a copy of theta on the support set, then predict the queries.

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metabench import Backbone, Episode, MetabenchError, Protocol
+from metabench import Backbone, Episode, MetabenchError, Protocol, TrainContext
 from metabench.episodes import eval_draws
 from metabench.plugins import PluginHost, PluginSource, discover
 from metabench.runner import RunRequest, execute, prepare
@@ -220,8 +220,9 @@ def fake_ctx(tasks):
     it, calls = iter(tasks), []
     sampler = SimpleNamespace(sample=lambda ways=None, shots=None, queries=None: next(it),
                               sample_many=lambda n, ways=None, shots=None, queries=None: [next(it) for _ in range(n)])
-    return SimpleNamespace(sampler=sampler, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"),
-                           progress=lambda step, total, **m: calls.append((step, total, m))), calls
+    ctx = TrainContext(SINE, sampler, None, torch.device("cpu"), torch.Generator().manual_seed(0),
+                       lambda phase, step, total, m: calls.append((step, total, m)))
+    return ctx, calls
 
 
 def reptile_on_sine(**settings):
