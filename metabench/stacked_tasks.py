@@ -113,7 +113,7 @@ def stack_tasks(tasks: Sequence) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 def stacked_adapt(model: nn.Module, params: dict, x: torch.Tensor, y: torch.Tensor, inner_lr, steps: int,
                   first_order: bool, loss: Callable, only: Collection[str] | None = None) -> dict:
-    """:func:`metabench_plugins.maml.adapt` for ``T`` tasks at once.
+    """:func:`metabench.adaptation.adapt` for ``T`` tasks at once.
 
     x [T, S, ...], y [T, S] or [T, S, D]; params: name -> [*shape], shared by the tasks. Returns
     the adapted parameters: name -> [T, *shape] for the adapted ones (``only``, default all), the
@@ -138,7 +138,7 @@ def stacked_meta_loss(model: nn.Module, params: dict, tasks: Sequence, inner_lr,
                       first_order: bool = False, loss: Callable = F.cross_entropy,
                       only: Collection[str] | None = None) -> torch.Tensor:
     """Mean over ``tasks`` of the query loss after adaptation: the value of
-    ``metabench_plugins.maml.maml_meta_loss`` with the same arguments, computed for all tasks at once.
+    :func:`metabench.adaptation.maml_meta_loss` with the same arguments, computed for all tasks at once.
 
     ``model`` must be :func:`stackable` and ``loss`` have a :func:`per_task_loss`; the tasks must
     have equal shapes.

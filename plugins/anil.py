@@ -29,7 +29,9 @@ from torch.func import functional_call
 from metabench import hookimpl
 from metabench.stacked_tasks import stacked_meta_loss
 
-from .maml import CONFIGS, MAML, adapt
+from metabench.adaptation import adapt
+
+from .maml import CONFIGS, MAML
 
 
 def split_params(params: dict, prefix: str) -> dict:

@@ -31,6 +31,7 @@ from torch import nn
 from metabench import Learner, hookimpl
 from metabench.episodic import optimizer_step
 from metabench.inference import InferenceNet
+from metabench.pooled import PooledBatches
 
 from . import configs
 
@@ -205,14 +206,10 @@ class Baseline(Learner):
         sched = ctx.track("scheduler", torch.optim.lr_scheduler.StepLR(opt, step_size=c.lr_step, gamma=c.lr_gamma)) \
             if c.lr_step else None
         self.net.train()
-        order, pos = torch.randperm(n, generator=ctx.generator), 0
+        batches = ctx.track("batches", PooledBatches(images, labels, c.batch_size, ctx.generator, self.device,
+                                                     drop_last=False))
         for _ in ctx.steps("pre-train", total):
-            if pos >= n:
-                order, pos = torch.randperm(n, generator=ctx.generator), 0
-            idx = order[pos:pos + c.batch_size]
-            pos += c.batch_size
-            x = images[idx].to(self.device).float().div_(255.0)
-            y = labels[idx].to(self.device)
+            x, y = batches.next()
             logits = head(self.net(x))
             optimizer_step(ctx, opt, F.cross_entropy(logits, y), logits, y, sched)
 

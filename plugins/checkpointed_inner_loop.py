@@ -82,7 +82,7 @@ def maml_meta_backward(model: nn.Module, params: dict, tasks: Sequence, inner_lr
     """
     if checkpoint and first_order:
         raise ValueError("the checkpointed inner loop is for second-order MAML; first order keeps no inner graph")
-    from .maml import adapt
+    from metabench.adaptation import adapt
 
     tasks = list(tasks)
     leaves = [params[n] for n in params]

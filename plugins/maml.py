@@ -25,8 +25,9 @@ Differences from the published Omniglot setup: the backbone is whatever the run 
 ``conv4``, with max-pooling where Finn et al. used strided convolutions on Omniglot), and every
 parameter, BatchNorm's scale and shift included, is adapted in the inner loop.
 
-The functions :func:`adapt`, :func:`maml_meta_loss` and :func:`batch_statistics_only` are the
-building blocks other gradient-based learners (``anil``, ``metasgd``, ...) reuse.
+The building blocks it shares with other gradient-based learners live in the core, where a
+third-party learner imports them too: :mod:`metabench.adaptation` (``adapt``, ``maml_meta_loss``,
+``task_loss``), :mod:`metabench.batchnorm` and :mod:`metabench.stacked_tasks`.
 """
 from __future__ import annotations
 
@@ -41,93 +42,14 @@ from torch import nn
 from torch.func import functional_call
 
 from metabench import Learner, hookimpl
+from metabench.adaptation import LOSSES, adapt, maml_meta_loss, task_loss  # noqa: F401  (LOSSES: re-exported)
+from metabench.batchnorm import batch_statistics_only
+from metabench.config import check_counts, resolve_problem_defaults
 from metabench.stacked_tasks import can_stack, stacked_meta_loss
 
 from . import configs
 
-#: The task loss per problem type: (predictions, targets) -> scalar mean loss.
-LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "classification": F.cross_entropy,  # logits [N, ways], labels [N] int64
-    "regression": F.mse_loss,           # predictions [N, out_dim], targets [N, out_dim]
-}
-
 CONFIGS = Path(str(configs.path("")))  # installed with the package (metabench_plugins.configs)
-
-
-def task_loss(problem: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The loss of ``problem`` ("classification": cross-entropy, "regression": mean squared error)."""
-    try:
-        return LOSSES[problem]
-    except KeyError:
-        raise ValueError(f"no task loss for problem type {problem!r}; known: {', '.join(LOSSES)}") from None
-
-
-def adapt(model: nn.Module, params: dict, x, y, inner_lr, steps: int, first_order: bool,
-          loss: Callable = F.cross_entropy, only: Collection[str] | None = None) -> dict:
-    """``steps`` gradient steps on ``loss(model(x), y)`` from ``params``; returns the adapted dict.
-
-    x: [S, ...] support inputs, y: [S] int64 labels (or [S, out_dim] regression targets with
-    ``loss=F.mse_loss``). Second order keeps the graph of every inner gradient
-    (``create_graph=True``); first order treats the inner gradients as constants.
-
-    inner_lr: one step size for every parameter, or a mapping name -> tensor of per-element step
-    sizes (Meta-SGD's alpha, broadcast against the parameter).
-    only: names of the parameters to adapt (default: all); the others keep their values and are
-    passed through unchanged (ANIL adapts only the head).
-    """
-    names = list(params) if only is None else [n for n in params if n in only]
-    for _ in range(steps):
-        value = loss(functional_call(model, params, (x,)), y)
-        grads = torch.autograd.grad(value, [params[n] for n in names], create_graph=not first_order)
-        step = dict(params)
-        for n, g in zip(names, grads):
-            lr = inner_lr[n] if isinstance(inner_lr, Mapping) else inner_lr
-            step[n] = params[n] - lr * g
-        params = step
-    return params
-
-
-def maml_meta_loss(model: nn.Module, params: dict, tasks, inner_lr, inner_steps: int,
-                   first_order: bool = False, loss: Callable = F.cross_entropy,
-                   only: Collection[str] | None = None) -> torch.Tensor:
-    """Mean over ``tasks`` (each with support_x/support_y/query_x/query_y) of the query loss after adaptation.
-
-    Differentiating the result with respect to ``params`` (and to ``inner_lr`` when it is a
-    mapping of tensors) gives the MAML (or FOMAML, or Meta-SGD) meta-gradient. ``loss`` and
-    ``only`` are passed to :func:`adapt`.
-    """
-    losses = []
-    for t in tasks:
-        adapted = adapt(model, params, t.support_x, t.support_y, inner_lr, inner_steps, first_order, loss, only)
-        losses.append(loss(functional_call(model, adapted, (t.query_x,)), t.query_y))
-    return torch.stack(losses).mean()
-
-
-def batch_statistics_only(model: nn.Module) -> nn.Module:
-    """Make every BatchNorm layer normalise with batch statistics, in train and eval mode alike."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.track_running_stats = False
-            m.running_mean = m.running_var = m.num_batches_tracked = None
-    return model
-
-
-def check_counts(learner: str, config: Any, names: tuple[str, ...], positive: tuple[str, ...] = ()) -> None:
-    """Raise ValueError unless each of ``names`` is a non-negative int and each of ``positive`` is >= 1."""
-    for name in names:
-        value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"{learner}: {name} must be a non-negative integer, got {value!r}")
-    for name in positive:
-        if getattr(config, name) < 1:
-            raise ValueError(f"{learner}: {name} must be at least 1, got {getattr(config, name)!r}")
-
-
-def resolve_problem_defaults(config: Any, defaults: Mapping[str, Any]) -> None:
-    """Replace each field of ``config`` that is 0 (or "") by ``defaults[field]`` (in place)."""
-    for name, value in defaults.items():
-        if getattr(config, name) in (0, ""):
-            setattr(config, name, value)
 
 
 @dataclass

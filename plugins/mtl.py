@@ -51,9 +51,12 @@ from torch.func import functional_call
 from metabench import ClassImageSource, EpisodeDraw, Learner, hookimpl
 from metabench.episodic import optimizer_step
 
-from .maml import CONFIGS, adapt
+from metabench.adaptation import adapt
+from metabench.pooled import PooledBatches
 
-PAPER_CONFIG = CONFIGS / "mtl.toml"
+from . import configs
+
+PAPER_CONFIG = configs.path("mtl.toml")
 
 
 # --------------------------------------------------------------------------- scaling and shifting
@@ -331,8 +334,8 @@ class MTL(Learner):
             opt = torch.optim.Adam(params, lr=c.pretrain_lr, weight_decay=c.pretrain_weight_decay)
         ctx.track("pretrain_classifier", classifier)
         ctx.track("pretrain_optimizer", opt)
-        n, batch = images.shape[0], min(c.pretrain_batch, images.shape[0])
-        order, pos = torch.randperm(n, generator=ctx.generator), 0
+        batches = ctx.track("pretrain_batches", PooledBatches(images, labels, min(c.pretrain_batch, images.shape[0]),
+                                                              ctx.generator, self.device, drop_last=True))
         ss = ss_parameters(self.extractor)
         for p in ss:  # SS stays at the identity during pre-training
             p.requires_grad_(False)
@@ -341,12 +344,7 @@ class MTL(Learner):
             for group in opt.param_groups:
                 group["lr"] = step_decay(c.pretrain_lr, step - 1, c.pretrain_lr_step, c.pretrain_lr_gamma,
                                          c.pretrain_min_lr)
-            if pos + batch > n:
-                order, pos = torch.randperm(n, generator=ctx.generator), 0
-            idx = order[pos:pos + batch]
-            pos += batch
-            x = images[idx].to(self.device).float().div_(255.0)
-            y = labels[idx].to(self.device)
+            x, y = batches.next()
             logits = classifier(self.extractor(x))
             optimizer_step(ctx, opt, F.cross_entropy(logits, y), logits, y)
         for p in ss:

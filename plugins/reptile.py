@@ -38,7 +38,11 @@ from torch import nn
 
 from metabench import Learner, hookimpl
 
-from .maml import CONFIGS, batch_statistics_only, check_counts, resolve_problem_defaults, task_loss
+from metabench.adaptation import task_loss
+from metabench.batchnorm import batch_statistics_only
+from metabench.config import check_counts, resolve_problem_defaults
+
+from . import configs
 
 OPTIMIZERS = ("adam", "sgd")
 ADAM_BETAS = (0.0, 0.999)  # the paper's inner Adam: beta1 = 0
@@ -113,7 +117,7 @@ class Reptile(Learner):
     transductive = True
     Config = ReptileConfig
     reference = "Nichol, Achiam & Schulman. On First-Order Meta-Learning Algorithms. arXiv:1803.02999, 2018."
-    paper_config = CONFIGS / "reptile.toml"
+    paper_config = configs.path("reptile.toml")
     #: Values of the settings left at 0 (or "") per problem type. Classification: close to the
     #: paper's transductive Omniglot setting (Adam 1e-3, 15 shots per class, batches of 25, 3
     #: inner and 5 test steps) with a smaller meta-batch, for about the cost of MAML's quick run

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metabench import Backbone, Episode, Protocol
+from metabench import Backbone, Episode, Protocol, TrainContext
 from metabench_plugins.conv4 import conv4
 from metabench_plugins.maml import MAML, batch_statistics_only, maml_meta_loss
 from metabench_plugins.protonet import ProtoNet, prototype_logits
@@ -194,8 +194,8 @@ def test_meta_train_smoke_updates_parameters_and_reports_progress(cls):
     def sample_many(n, ways=None, shots=None, queries=None):
         return [sample(ways, shots, queries) for _ in range(n)]
 
-    ctx = SimpleNamespace(sampler=SimpleNamespace(sample=sample, sample_many=sample_many), device=torch.device("cpu"),
-                          progress=lambda step, total, **m: calls.append((step, total, m)))
+    ctx = TrainContext(PROTOCOL, SimpleNamespace(sample=sample, sample_many=sample_many), None, torch.device("cpu"),
+                       gen, lambda phase, step, total, m: calls.append((step, total, m)))
     learner.meta_train(ctx)
     steps = learner.config.meta_steps
     assert [c[:2] for c in calls] == [(i, steps) for i in range(1, steps + 1)]

@@ -232,5 +232,9 @@ def test_paper_trained_maml_is_stable_after_one_step_and_not_after_ten():
     one, ten = torch.tensor(after[1]), torch.nan_to_num(torch.tensor(after[10]), nan=math.inf)
     saved = json.loads(FIXTURE.read_text())
     assert one.mean().item() == pytest.approx(saved["mse_after_1"], rel=1e-4)
-    assert one.max() < 15            # one step: bounded (A <= 5, so predicting 0 costs at most 25)
-    assert ten.max() > 10 * one.max()  # ten steps of the same size: some episodes blow up
+    assert ten.mean().item() == pytest.approx(saved["mse_after_10"], rel=1e-4)
+    # the paper config's step count keeps every episode bounded (A <= 5: predicting 0 costs at most 25)
+    steps = tomllib.loads((ROOT / "configs" / "maml.toml").read_text())["sinusoid-5s"]["eval_inner_steps"]
+    assert max(after[steps]) < 10
+    # ten steps of the same size: episodes that one step fits well end many times worse
+    assert int(((ten > 20 * one) & (ten > 5)).sum()) >= 2
