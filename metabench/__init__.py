@@ -10,6 +10,7 @@ from .backbone import Backbone
 from .errors import MetabenchError, PluginError
 from .hookspecs import hookimpl
 from .learner import BUDGETS, Learner, TrainContext
+from .lifecycle import RunInfo
 from .task import ClassImageSource, DataSource, Episode, EpisodeDraw, Protocol
 
 try:
@@ -19,5 +20,5 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 __all__ = [
     "BUDGETS", "Backbone", "ClassImageSource", "DataSource", "Episode", "EpisodeDraw", "Learner",
-    "MetabenchError", "PluginError", "Protocol", "TrainContext", "hookimpl", "__version__",
+    "MetabenchError", "PluginError", "Protocol", "RunInfo", "TrainContext", "hookimpl", "__version__",
 ]

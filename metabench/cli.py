@@ -1,4 +1,4 @@
-"""The ``metabench`` command line: run, list, plugins, episodes, compare.
+"""The ``metabench`` command line: run, list, plugins, episodes, compare, plot.
 
 Bad input prints one line ``metabench: error: ...`` and exits with status 2 (argparse's
 convention); a learner that crashes exits with status 1 and names its plugin.
@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_ = sub.add_parser("compare", help="paired t-test and Wilcoxon test of two results on the same episodes")
     cmp_.add_argument("a", metavar="A.json")
     cmp_.add_argument("b", metavar="B.json")
+
+    plot = sub.add_parser("plot", help="draw a result's training curve (loss, accuracy against step) from the "
+                                       "<stem>.curve.jsonl beside it")
+    plot.add_argument("result", metavar="RESULT.json")
+    plot.add_argument("--out", metavar="FILE.png|FILE.svg", help="where to draw it (default <stem>.curve.png)")
     add_leaderboard_parsers(sub)
     return parser
 
@@ -145,6 +150,7 @@ class RichProgress:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .lifecycle import RunInfo
     from .malloc import tune_glibc_malloc
     from .results import write_result
     from .runner import PluginFailed, RunRequest, execute, prepare
@@ -169,12 +175,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                          budget=opts["budget"], episodes=opts["episodes"], device=opts["device"],
                          learner_layers=layers, backbone_options=backbone_options)
     host = _host()
-    prepare(request, host)  # refuse bad input before any progress bar is drawn
+    _, protocol, _, backbone_name, *_ = prepare(request, host)  # refuse bad input before any progress bar is drawn
+    run = RunInfo.start(request.learner, protocol.name, backbone_name, request.seed, request.budget, out_dir)
     columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
     try:
         with Progress(*columns, console=err, transient=False) as bars:
-            doc = execute(request, host, RichProgress(bars))
+            doc = execute(request, host, RichProgress(bars), run)
     except PluginFailed as exc:
         err.print(f"metabench: error: {exc}", markup=False, soft_wrap=True)
         if os.environ.get("METABENCH_DEBUG"):
@@ -182,6 +189,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         err.print("(set METABENCH_DEBUG=1 for the traceback)", markup=False)
         return 1
     path = write_result(doc, out_dir)
+    try:
+        host.on_result(run, doc, path)
+    except PluginError as exc:
+        raise PluginError(f"{exc} (the result itself was written: {path})") from exc
     out.print(result_table(doc))
     out.print(f"result: {path}", markup=False, soft_wrap=True)
     return 0
@@ -232,10 +243,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_plugins(args: argparse.Namespace) -> int:
     host = _host()
-    table = make_table("plugins (hooks: metabench_register_<name>)", "name", "distribution", "version", "hooks",
-                       "status")
+    table = make_table("plugins (hooks: metabench_register_<name>, metabench_<on_event>)", "name", "distribution",
+                       "version", "hooks", "status")
     for info in host.plugins.values():
-        hooks = ", ".join(h.removeprefix("metabench_register_") for h in info.hooks)
+        hooks = ", ".join(h.removeprefix("metabench_register_").removeprefix("metabench_") for h in info.hooks)
         table.add_row(info.name, info.distribution, info.version, hooks or "-", "; ".join(info.errors) or "ok")
     out.print(table)
     return 0
@@ -315,7 +326,41 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"leaderboard": cmd_leaderboard, "publish": cmd_publish, "data": cmd_data, "run": cmd_run, "list": cmd_list, "plugins": cmd_plugins, "episodes": cmd_episodes, "compare": cmd_compare}
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .curves import PLOT_FORMATS, curve_path_for, metric_names, read_curve, render_curve
+    from .results import load_result
+
+    result_path = Path(args.result)
+    target = Path(args.out) if args.out else result_path.with_name(result_path.stem + ".curve.png")
+    fmt = target.suffix.lower().removeprefix(".")
+    if fmt not in PLOT_FORMATS:
+        raise MetabenchError(f"--out {target}: unknown suffix {target.suffix or '(none)'!r}; accepted: "
+                             + ", ".join(f".{f}" for f in PLOT_FORMATS))
+    doc = load_result(result_path)
+    curve = curve_path_for(result_path)
+    if not curve.is_file():
+        raise MetabenchError(f"{result_path}: no training curve beside it (expected {curve}; the training_curve "
+                             "plugin writes it for runs that report training progress)")
+    points = read_curve(curve)
+    if not metric_names(points):
+        raise MetabenchError(f"{curve}: no metric has a value to draw (every one is null)")
+    title = (f"{doc['task']['name']} · {doc['learner']['name']} / {doc['backbone']['name']} · "
+             f"budget {doc['budget']} · seed {doc['seed']}")
+    data = render_curve(points, fmt, title)
+    if not target.parent.is_dir():
+        raise MetabenchError(f"--out {target}: folder {target.parent} does not exist")
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise MetabenchError(f"--out {target}: cannot write: {exc.strerror or exc}") from None
+    out.print(f"plot: {target}", markup=False, soft_wrap=True)
+    return 0
+
+
+COMMANDS = {"leaderboard": cmd_leaderboard, "publish": cmd_publish, "data": cmd_data, "run": cmd_run, "list": cmd_list, "plugins": cmd_plugins, "episodes": cmd_episodes, "compare": cmd_compare, "plot": cmd_plot}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,8 +1,12 @@
 """The hooks a metabench plugin may implement.
 
-Every hook has the shape ``metabench_register_things(register)``: the plugin calls
+Registration hooks have the shape ``metabench_register_things(register)``: the plugin calls
 ``register(...)`` once per thing it provides and never touches the host's state. The host
 checks each registration and names the plugin when one is wrong.
+
+Lifecycle hooks (``metabench_on_<event>``) observe a run; ``run`` is a
+:class:`metabench.RunInfo`. The host calls each plugin's implementation in turn, and one that
+raises stops the command with an error naming the plugin and the hook.
 """
 import pluggy
 
@@ -23,3 +27,13 @@ def metabench_register_backbones(register):
 @hookspec
 def metabench_register_tasks(register):
     """Register tasks: ``register(protocol: metabench.Protocol, source: metabench.DataSource)``."""
+
+
+@hookspec
+def metabench_on_progress(run, phase, step, total, metrics):
+    """Every training progress report: ``step`` of ``total`` in ``phase`` ("meta-train", ...), ``metrics`` {"loss": ...}."""
+
+
+@hookspec
+def metabench_on_result(run, result, path):
+    """The run's result dict was written to ``path`` (a pathlib.Path)."""

@@ -3,7 +3,9 @@
 Built-in plugins (``metabench_plugins.*``) are found through the same entry-point group,
 ``metabench``, as any third-party package's, so each can be disabled or replaced. A plugin that
 fails to import, implements an unknown hook, raises while registering, or registers something
-malformed is reported in one line naming it; the other plugins still load.
+malformed is reported in one line naming it; the other plugins still load. A lifecycle hook
+that raises during a run (``host.on_progress``, ``host.on_result``) raises PluginError naming
+the plugin and the hook.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 from typing import Any, Callable
 
 import pluggy
@@ -22,6 +25,7 @@ from . import hookspecs
 from .backbone import Backbone
 from .errors import MetabenchError, PluginError
 from .learner import BUDGETS, Learner
+from .lifecycle import RunInfo
 from .registry import Entry, Registry
 from .task import PROBLEM_TYPES, DataSource, Protocol
 
@@ -126,11 +130,16 @@ class PluginHost:
             self.plugins[source.name].hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
 
     def _check_hooks(self, name: str, plugin: object) -> None:
-        """Refuse hook implementations whose name is not a metabench hook (a likely typo)."""
+        """Refuse hook implementations whose name is not a metabench hook (a likely typo), and
+        hook wrappers (the host calls each implementation itself, so a wrapper would never run)."""
         for hook in self.pm.get_hookcallers(plugin) or []:
             if not hook.has_spec():
                 raise PluginError(f"implements unknown hook {hook.name!r}; known hooks: "
                                   + ", ".join(n for n in dir(hookspecs) if n.startswith("metabench_")))
+            for impl in hook.get_hookimpls():
+                if impl.plugin is plugin and (impl.hookwrapper or getattr(impl, "wrapper", False)):
+                    raise PluginError(f"{hook.name} is a hook wrapper; metabench hooks must be plain "
+                                      "implementations (@metabench.hookimpl)")
 
     # -- registrations -----------------------------------------------------------------------
     def _collect(self) -> None:
@@ -200,6 +209,24 @@ class PluginHost:
             raise PluginError(f"task {protocol.name!r}: source must be a metabench.DataSource, "
                               f"got {type(source).__name__}")
         return Entry(protocol.name, protocol, plugin, {"kind": "task", "source": source})
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def on_progress(self, run: RunInfo, phase: str, step: int, total: int, metrics: dict[str, Any]) -> None:
+        """Tell every ``metabench_on_progress`` implementation about one training progress report."""
+        self._notify("metabench_on_progress", run=run, phase=phase, step=step, total=total, metrics=metrics)
+
+    def on_result(self, run: RunInfo, result: dict, path: Path) -> None:
+        """Tell every ``metabench_on_result`` implementation that the result was written to ``path``."""
+        self._notify("metabench_on_result", run=run, result=result, path=path)
+
+    def _notify(self, hook_name: str, **kwargs: Any) -> None:
+        """Call each implementation of a lifecycle hook in pluggy's order; one that raises is named."""
+        for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):
+            try:
+                impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+            except Exception as exc:
+                raise PluginError(f"plugin {impl.plugin_name!r}: raised in {hook_name}: "
+                                  f"{type(exc).__name__}: {_one_line(exc)}") from exc
 
     # -- use ---------------------------------------------------------------------------------
     def task(self, name: str) -> tuple[Protocol, DataSource, str]:

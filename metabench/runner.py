@@ -21,6 +21,7 @@ from .data import DataRoots
 from .episodes import TrainSampler, episodes_sha256, eval_draws
 from .errors import MetabenchError, PluginError
 from .learner import BUDGETS, Learner, TrainContext
+from .lifecycle import RunInfo
 from .plugins import PluginHost
 from .results import PER_STEP_COUNTS, SCHEMA_VERSION
 from .stats import summarize
@@ -199,10 +200,13 @@ def prepare(request: RunRequest, host: PluginHost):
     return entry, protocol, source, backbone_name, backbone_options, recorded_options, config, device
 
 
-def execute(request: RunRequest, host: PluginHost, progress: Progress | None = None) -> dict:
-    """Run the request and return the result document (not yet written)."""
+def execute(request: RunRequest, host: PluginHost, progress: Progress | None = None, run: RunInfo | None = None) -> dict:
+    """Run the request and return the result document (not yet written).
+
+    ``run``: what lifecycle hooks are told about this run; by default one with no output folder."""
     progress = progress or NoProgress()
     entry, protocol, source, backbone_name, backbone_options, recorded_options, config, device = prepare(request, host)
+    run = run or RunInfo.start(request.learner, protocol.name, backbone_name, request.seed, request.budget)
     task_plugin = host.tasks.get(protocol.name).plugin
     who = f"learner {entry.name!r} (plugin {entry.plugin!r})"
     n_eval = request.episodes or (min(SMOKE_EPISODES, protocol.episodes) if request.budget == "smoke" else protocol.episodes)
@@ -230,6 +234,7 @@ def execute(request: RunRequest, host: PluginHost, progress: Progress | None = N
             started_phases.add(phase)
             progress.start(phase, total)
         progress.update(phase, step, **metrics)
+        host.on_progress(run, phase, step, total, dict(metrics))
 
     ctx = TrainContext(protocol, TrainSampler(protocol, source, request.seed, "train", device), source, device,
                        generator, report)
