@@ -207,6 +207,7 @@ def execute(request: RunRequest, host: PluginHost, progress: Progress | None = N
     progress = progress or NoProgress()
     entry, protocol, source, backbone_name, backbone_options, recorded_options, config, device = prepare(request, host)
     run = run or RunInfo.start(request.learner, protocol.name, backbone_name, request.seed, request.budget)
+    commit = git_commit()  # the code that runs, read before the working tree can change under a long run
     task_plugin = host.tasks.get(protocol.name).plugin
     who = f"learner {entry.name!r} (plugin {entry.plugin!r})"
     n_eval = request.episodes or (min(SMOKE_EPISODES, protocol.episodes) if request.budget == "smoke" else protocol.episodes)
@@ -294,6 +295,6 @@ def execute(request: RunRequest, host: PluginHost, progress: Progress | None = N
         "environment": {
             "python": platform.python_version(), "torch": torch.__version__, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-            "threads": torch.get_num_threads(), "platform": platform.platform(), "git_commit": git_commit(),
+            "threads": torch.get_num_threads(), "platform": platform.platform(), "git_commit": commit,
         },
     }
