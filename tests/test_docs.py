@@ -15,8 +15,9 @@ def test_readme_plugin_example_runs():
     exec(compile(code, "README.md", "exec"), module.__dict__)
     host = host_with(("readme", module), ("tiny", tiny_plugin()))
     assert host.errors == []
-    doc = execute(RunRequest(learner="pixel_centroid", task="tiny-3w2s", budget="smoke"), host)
-    assert doc["summary"]["mean"] > 0.9  # tiny classes are separable in pixel space
+    doc = execute(RunRequest(learner="tiny_proto", task="tiny-3w2s", budget="smoke"), host)
+    assert doc["learner"]["resumable"] is True  # it trained through ctx.steps / ctx.step
+    assert doc["summary"]["mean"] > 0.5  # 3 ways: chance is 1/3
 
 
 def test_readme_test_command_is_what_ci_runs():
