@@ -41,7 +41,7 @@ from metabench import Learner, hookimpl
 from metabench.episodic import train_on_episodes
 from metabench.inference import InferenceNet
 
-from . import configs
+from . import paper_config
 
 
 def cosine_attention(support_emb: torch.Tensor, query_emb: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -119,7 +119,7 @@ class MatchingNet(Learner):
 
     transductive = False
     Config = MatchingNetConfig
-    paper_config = configs.path("matchingnet.toml")
+    paper_config = paper_config("matchingnet.toml")
     reference = ("Vinyals, Blundell, Lillicrap, Kavukcuoglu & Wierstra. "
                  "Matching Networks for One Shot Learning. NeurIPS 2016.")
     # quick: about 3.5 minutes of meta-training + 600 test episodes of kanji-5w1s on 2 CPU cores.

@@ -20,7 +20,7 @@ from metabench import Learner, hookimpl
 from metabench.episodic import train_on_episodes
 from metabench.inference import InferenceNet
 
-from . import configs
+from . import paper_config
 
 
 def prototype_logits(support_emb: torch.Tensor, support_y: torch.Tensor, query_emb: torch.Tensor, ways: int) -> torch.Tensor:
@@ -67,7 +67,7 @@ class ProtoNet(Learner):
     transductive = False
     Config = ProtoNetConfig
     reference = "Snell, Swersky & Zemel. Prototypical Networks for Few-shot Learning. NeurIPS 2017."
-    paper_config = configs.path("protonet.toml")
+    paper_config = paper_config("protonet.toml")
     # quick: under a minute of meta-training + 600 test episodes of kanji-5w1s on 2 CPU cores.
     budgets = {
         "smoke": {"meta_steps": 5, "train_ways": 5, "train_queries": 2, "lr_step": 0},

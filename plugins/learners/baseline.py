@@ -33,7 +33,7 @@ from metabench.episodic import optimizer_step
 from metabench.inference import InferenceNet
 from metabench.pooled import PooledBatches
 
-from . import configs
+from . import paper_config
 
 
 def cosine_logits(features: torch.Tensor, weight: torch.Tensor, scale: float) -> torch.Tensor:
@@ -150,7 +150,7 @@ class Baseline(Learner):
     Config = BaselineConfig
     cosine = False
     reference = "Chen, Liu, Kira, Wang & Huang. A Closer Look at Few-shot Classification. ICLR 2019."
-    paper_config = configs.path("baseline.toml")
+    paper_config = paper_config("baseline.toml")
     # quick: about 1.5 minutes of pre-training + 600 test episodes of kanji-5w1s on 2 CPU cores.
     # Longer pre-training hurts the linear baseline on kanji (it fits the 1,500 training classes):
     # on the first 200 test episodes, 1,500 minibatches gave 96.4%, 2,000 gave 94.7% and 4,500
@@ -236,7 +236,7 @@ class BaselinePlusPlus(Baseline):
 
     Config = BaselinePlusPlusConfig
     cosine = True
-    paper_config = configs.path("baseline++.toml")
+    paper_config = paper_config("baseline++.toml")
     # quick: about 3.5 minutes of pre-training + 600 test episodes of kanji-5w1s on 2 CPU cores;
     # unlike Baseline, Baseline++ keeps improving with longer pre-training (1,000 minibatches:
     # 98.3% on the first 200 test episodes; 4,500: 99.2% on all 600).

@@ -14,7 +14,7 @@ settings that differ between the two (``meta_steps``, ``meta_batch``, ``inner_lr
 ``eval_inner_steps``, ``train_queries``) default to 0, meaning "the default for the task's
 problem type" (:attr:`MAML.problem_defaults`); the learner resolves them when it is built, in
 the config object it is given, so a result records the values that were used. The ``quick``
-budget leaves them at 0; ``--budget paper`` takes them per protocol from ``configs/maml.toml``.
+budget leaves them at 0; ``--budget paper`` takes them per protocol from ``maml.toml``.
 
 BatchNorm, as in the published MAML code, always normalises with the statistics of the batch it
 is given (no running statistics). The queries of an episode are forwarded as one batch, so a
@@ -47,9 +47,9 @@ from metabench.batchnorm import batch_statistics_only
 from metabench.config import check_counts, resolve_problem_defaults
 from metabench.stacked_tasks import can_stack, stacked_meta_loss
 
-from . import configs
+from . import paper_config
 
-CONFIGS = Path(str(configs.path("")))  # installed with the package (metabench_plugins.configs)
+CONFIGS = Path(__file__).parent  # the paper configs (*.toml) are installed beside the learners
 
 
 @dataclass
@@ -128,7 +128,7 @@ class MAML(Learner):
     }
     # quick: every problem-dependent setting at its per-problem default (above).
     # paper: the paper's length; per-protocol settings (inner loop, meta-batch, queries, conv4
-    # width) come from configs/maml.toml; protocols without a table use Omniglot 5-way's meta-batch.
+    # width) come from maml.toml; protocols without a table use Omniglot 5-way's meta-batch.
     budgets = {
         "smoke": {"meta_steps": 3, "meta_batch": 2, "train_queries": 2, "eval_inner_steps": 1},
         "quick": {},

@@ -18,7 +18,7 @@ shifting, meta-learned linear base learner, hard-task meta-batches) except each 
 
 The failure class of a task (for hard-task meta-batches) is read off the clean-adapted learner on
 the clean queries, and test episodes are scored clean, with MTL's ``predict``. ``--budget
-paper`` runs MTL's published schedule (its ``configs/mtl.toml``) with this variant's attack
+paper`` runs MTL's published schedule (its ``mtl.toml``) with this variant's attack
 settings, which are metabench's choice.
 """
 from __future__ import annotations

@@ -42,7 +42,7 @@ from metabench.adaptation import task_loss
 from metabench.batchnorm import batch_statistics_only
 from metabench.config import check_counts, resolve_problem_defaults
 
-from . import configs
+from . import paper_config
 
 OPTIMIZERS = ("adam", "sgd")
 ADAM_BETAS = (0.0, 0.999)  # the paper's inner Adam: beta1 = 0
@@ -117,7 +117,7 @@ class Reptile(Learner):
     transductive = True
     Config = ReptileConfig
     reference = "Nichol, Achiam & Schulman. On First-Order Meta-Learning Algorithms. arXiv:1803.02999, 2018."
-    paper_config = configs.path("reptile.toml")
+    paper_config = paper_config("reptile.toml")
     #: Values of the settings left at 0 (or "") per problem type. Classification: close to the
     #: paper's transductive Omniglot setting (Adam 1e-3, 15 shots per class, batches of 25, 3
     #: inner and 5 test steps) with a smaller meta-batch, for about the cost of MAML's quick run
@@ -135,7 +135,7 @@ class Reptile(Learner):
     budgets = {
         "smoke": {"meta_steps": 3, "meta_batch": 2, "inner_steps": 2, "train_shots": 3, "eval_inner_steps": 2},
         "quick": {},
-        # The paper's length and outer schedule; the inner loop per protocol comes from configs/reptile.toml.
+        # The paper's length and outer schedule; the inner loop per protocol comes from reptile.toml.
         "paper": {"meta_steps": 100000, "meta_batch": 5, "outer_lr": 1.0, "outer_lr_final": 0.0},
     }
 

@@ -43,7 +43,7 @@ from torch import nn
 from metabench import Learner, hookimpl
 from metabench.episodic import train_on_episodes
 
-from . import configs
+from . import paper_config
 
 _HEAD_LAYERS = (nn.Flatten, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
@@ -148,7 +148,7 @@ class RelationNet(Learner):
 
     transductive = False
     Config = RelationNetConfig
-    paper_config = configs.path("relationnet.toml")
+    paper_config = paper_config("relationnet.toml")
     reference = ("Sung, Yang, Zhang, Xiang, Torr & Hospedales. Learning to Compare: Relation Network "
                  "for Few-Shot Learning. CVPR 2018.")
     # quick: about 3.5 minutes of meta-training + 600 test episodes of kanji-5w1s on 2 CPU cores.

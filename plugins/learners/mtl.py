@@ -54,9 +54,9 @@ from metabench.episodic import optimizer_step
 from metabench.adaptation import adapt
 from metabench.pooled import PooledBatches
 
-from . import configs
+from . import paper_config
 
-PAPER_CONFIG = configs.path("mtl.toml")
+PAPER_CONFIG = paper_config("mtl.toml")
 
 
 # --------------------------------------------------------------------------- scaling and shifting
@@ -233,7 +233,7 @@ class MTL(Learner):
     paper_config = PAPER_CONFIG
     # quick: pre-training (600 steps) + meta-training (150 steps) + 600 test episodes of kanji-5w1s
     # took 118 s of CPU time on one thread (96.6% accuracy), well within 4 minutes on 2 idle cores.
-    # paper: the authors' mini-ImageNet schedule (configs/mtl.toml has it per protocol).
+    # paper: the authors' mini-ImageNet schedule (mtl.toml has it per protocol).
     budgets = {
         "smoke": {"pretrain_steps": 3, "pretrain_batch": 16, "pretrain_lr_step": 0, "meta_steps": 3,
                   "meta_batch": 2, "train_queries": 2, "inner_steps": 2, "eval_inner_steps": 2, "meta_lr_step": 0},

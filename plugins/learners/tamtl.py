@@ -19,7 +19,7 @@ MTL's except the meta-loss, which gets one of two terms (weight ``reg_weight`` =
   meta-batch of one task gets no term.
 
 The weight and the choices are metabench's defaults, not published ones. ``--budget paper``
-runs MTL's published schedule (its ``configs/mtl.toml``) with this variant's regulariser.
+runs MTL's published schedule (its ``mtl.toml``) with this variant's regulariser.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ alpha is initialised uniformly in [``alpha_init``, ``alpha_init_max``] (a consta
 
 Settings, per-problem defaults (0 = the default for classification or regression), losses
 (cross-entropy / mean squared error) and BatchNorm with batch statistics (transductive) are
-MAML's (:mod:`metabench_plugins.maml`); ``inner_steps`` and ``eval_inner_steps`` default to the
+MAML's (:mod:`metabench_plugins.learners.maml`); ``inner_steps`` and ``eval_inner_steps`` default to the
 paper's single step and may be raised (each step then uses the same alpha).
 """
 from __future__ import annotations
@@ -80,7 +80,7 @@ class MetaSGD(MAML):
         "smoke": {"meta_steps": 3, "meta_batch": 2, "train_queries": 2},
         "quick": {},
         # The paper's length; per-protocol settings (alpha's range, meta-batch, queries, conv4
-        # width) come from configs/metasgd.toml.
+        # width) come from metasgd.toml.
         "paper": {"meta_steps": 60000, "meta_batch": 32, "inner_steps": 1, "eval_inner_steps": 1, "meta_lr": 1e-3,
                   "first_order": False},
     }
