@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metabench import Learner, hookimpl
+from metabench import Learner, hookimpl, setting
 from metabench.episodic import train_on_episodes
 
 from . import paper_config
@@ -131,16 +131,16 @@ class RelationNetConfig:
     relation_hidden:   width of the relation module's first FC layer (paper: 8)
     """
 
-    meta_steps: int = 7000
-    lr: float = 1e-3
-    lr_step: int = 2500
+    meta_steps: int = setting(7000, min=0)
+    lr: float = setting(1e-3, min=0, min_exclusive=True)
+    lr_step: int = setting(2500, min=0)
     lr_gamma: float = 0.5
-    train_ways: int = 5
-    train_shots: int = 0
-    train_queries: int = 5
-    unpooled_blocks: int = 2
-    relation_channels: int = 64
-    relation_hidden: int = 8
+    train_ways: int = setting(5, min=0)
+    train_shots: int = setting(0, min=0)
+    train_queries: int = setting(5, min=0)
+    unpooled_blocks: int = setting(2, min=0)
+    relation_channels: int = setting(64, min=1)
+    relation_hidden: int = setting(8, min=1)
 
 
 class RelationNet(Learner):
@@ -164,16 +164,6 @@ class RelationNet(Learner):
 
     def __init__(self, config, backbone, protocol, device):
         super().__init__(config, backbone, protocol, device)
-        for name in ("meta_steps", "train_ways", "train_shots", "train_queries", "lr_step", "unpooled_blocks"):
-            value = getattr(config, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"relationnet: {name} must be a non-negative integer, got {value!r}")
-        for name in ("relation_channels", "relation_hidden"):
-            value = getattr(config, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"relationnet: {name} must be a positive integer, got {value!r}")
-        if not config.lr > 0:
-            raise ValueError(f"relationnet: lr must be positive, got {config.lr!r}")
         backbone.module.to(device)
         maps = feature_map_network(backbone.module, config.unpooled_blocks)
         shape = self._output_shape(maps, protocol) if maps is not None else None
