@@ -24,6 +24,7 @@ from .learner import BUDGETS, Learner, TrainContext
 from .lifecycle import RunInfo
 from .plugins import PluginHost
 from .results import PER_STEP_COUNTS, SCHEMA_VERSION
+from .settings import check_settings
 from .stats import summarize
 from .task import Protocol
 
@@ -226,6 +227,11 @@ def prepare(request: RunRequest, host: PluginHost) -> RunPlan:
         layers.append((f"paper config of {request.learner!r} for {protocol.name}", paper))
     layers += list(request.learner_layers)
     config = build_config(cls.Config, layers, request.learner)
+    if dataclasses.is_dataclass(config):  # the declared bounds, before any data is loaded (Learner.__init__ repeats it)
+        try:
+            check_settings(request.learner, config)
+        except ValueError as exc:
+            raise MetabenchError(f"learner {entry.name!r} (plugin {entry.plugin!r}) refused its settings: {exc}") from None
     device = resolve_device(request.device)
     n_eval = request.episodes or (min(SMOKE_EPISODES, protocol.episodes) if request.budget == "smoke" else protocol.episodes)
     return RunPlan(request, entry, protocol, source, task_plugin, backbone_name, backbone_options, recorded_options,
