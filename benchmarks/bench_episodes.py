@@ -67,7 +67,7 @@ class ArraySource(ClassImageSource):
 
 def kanji_images(size: int, classes: int | None) -> torch.Tensor:
     """Kanji training images: 28 px as cached (1 channel); other sizes upscaled to 3 channels."""
-    from metabench_plugins import kanji_data
+    from metabench_plugins.datasets import kanji_data
 
     images = kanji_data.load_split("train")
     if classes is not None:
@@ -233,7 +233,7 @@ def episode_time_budget(source: ClassImageSource, n: int, steps: int, reps: int)
     itself, writing a float32 episode and nothing else (``fill_``), and ``steps`` forward +
     backward passes of Conv4 (32 and 64 filters) on the episode's 100 images, next to which a
     training loop spends a loader's time."""
-    from metabench_plugins.conv4 import conv4
+    from metabench_plugins.backbones.conv4 import conv4
 
     draws = source.draw_many(SplitMix64(5), "train", n, WAYS, SHOTS, QUERIES)
     rows = [torch.tensor(d.support + d.query) for d in draws]

@@ -45,7 +45,7 @@ BATCH = 10  # episodes per forward in the batched variants (2 with --quick)
 
 def episodes_of(protocol_name: str, n: int):
     from metabench.episodes import eval_draws
-    from metabench_plugins.kanji import KanjiSource, protocols
+    from metabench_plugins.datasets.kanji import KanjiSource, protocols
 
     protocol = next(p for p in protocols() if p.name == protocol_name)
     source = KanjiSource()
@@ -55,8 +55,8 @@ def episodes_of(protocol_name: str, n: int):
 
 
 def protonet_learner(protocol, width: int, device: str = "cpu"):
-    from metabench_plugins.conv4 import conv4
-    from metabench_plugins.protonet import ProtoNet, ProtoNetConfig
+    from metabench_plugins.backbones.conv4 import conv4
+    from metabench_plugins.learners.protonet import ProtoNet, ProtoNetConfig
 
     torch.manual_seed(0)
     backbone = conv4(1, protocol.image_size, width=width)
@@ -71,8 +71,8 @@ def protonet_learner(protocol, width: int, device: str = "cpu"):
 
 
 def maml_learner(protocol, width: int, device: str = "cpu"):
-    from metabench_plugins.conv4 import conv4
-    from metabench_plugins.maml import MAML, MAMLConfig
+    from metabench_plugins.backbones.conv4 import conv4
+    from metabench_plugins.learners.maml import MAML, MAMLConfig
 
     torch.manual_seed(0)
     backbone = conv4(1, protocol.image_size, width=width)
@@ -95,7 +95,7 @@ def run_batched(predict_many, episodes, batch):
 
 # ----------------------------------------------------------------------------- ProtoNet
 def protonet_variants(learner, protocol):
-    from metabench_plugins.protonet import prototype_logits
+    from metabench_plugins.learners.protonet import prototype_logits
 
     ways = protocol.ways
     # ProtoNet.predict runs in channels_last (it converts learner.net on first use): the eager
@@ -146,8 +146,8 @@ def protonet_setup_s(learner, episode) -> float:
 def maml_variants(learner, protocol):
     import copy
 
-    from metabench_plugins.maml import adapt
-    from metabench_plugins.maml_vmap import with_basic_batchnorm
+    from metabench_plugins.learners.maml import adapt
+    from metabench_plugins.learners.maml_vmap import with_basic_batchnorm
 
     c = learner.config
     model = learner.model

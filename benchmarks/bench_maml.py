@@ -26,8 +26,8 @@ from torch import nn  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks import maml_variants as mv  # noqa: E402
 from metabench.rng import SplitMix64  # noqa: E402
-from metabench_plugins.conv4 import conv4  # noqa: E402
-from metabench_plugins.maml import batch_statistics_only  # noqa: E402
+from metabench_plugins.backbones.conv4 import conv4  # noqa: E402
+from metabench_plugins.learners.maml import batch_statistics_only  # noqa: E402
 
 WAYS, SHOTS, QUERIES, META_BATCH, INNER_LR = 5, 1, 15, 4, 0.1
 TOLERANCE = 1e-5

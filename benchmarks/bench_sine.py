@@ -1,6 +1,6 @@
 """Benchmark 7: MAML's paper run on sine regression: meta-steps per second, loop vs. stacked vs. learn2learn.
 
-The paper configuration of ``maml`` on ``sinusoid-5s`` (configs/maml.toml: 2 x 40 ReLU MLP,
+The paper configuration of ``maml`` on ``sinusoid-5s`` (plugins/learners/maml.toml: 2 x 40 ReLU MLP,
 meta-batch 25 tasks of 10 support + 10 query points, one second-order inner step of 0.01, Adam
 1e-3, 70,000 meta-steps). One repetition is ``steps`` whole meta-steps as ``metabench run`` does
 them: sample the meta-batch from the task's training stream, meta-gradient, Adam step. Variants:
@@ -41,11 +41,12 @@ def build(task_batching: str):
     host = get_host()
     request = RunRequest(learner="maml", task="sinusoid-5s", budget="paper",
                          learner_layers=[("benchmark", {"task_batching": task_batching})])
-    entry, protocol, source, backbone_name, options, _, config, device = prepare(request, host)
+    plan = prepare(request, host)
     torch.manual_seed(0)
-    backbone = host.build_backbone(backbone_name, protocol.channels, protocol.image_size, **options)
-    learner = entry.obj(config, backbone, protocol, device)
-    return learner, TrainSampler(protocol, source, 0, "train", device)
+    backbone = host.build_backbone(plan.backbone, plan.protocol.channels, plan.protocol.image_size,
+                                   **plan.backbone_options)
+    learner = plan.learner.obj(plan.config, backbone, plan.protocol, plan.device)
+    return learner, TrainSampler(plan.protocol, plan.source, 0, "train", plan.device)
 
 
 def metabench_variant(task_batching: str, steps: int):

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metabench_plugins import maml as mb_maml
-from metabench_plugins.checkpointed_inner_loop import maml_meta_backward
-from metabench_plugins.maml_vmap import maml_meta_loss_vmap
+from metabench_plugins.learners import maml as mb_maml
+from metabench_plugins.learners.checkpointed_inner_loop import maml_meta_backward
+from metabench_plugins.learners.maml_vmap import maml_meta_loss_vmap
 
 
 class Variant:

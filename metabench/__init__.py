@@ -2,7 +2,7 @@
 
 What a plugin needs is importable from here::
 
-    from metabench import hookimpl, Learner, Backbone, Protocol, ClassImageSource
+    from metabench import hookimpl, Learner, Backbone, Protocol, ClassImageSource, setting
 """
 from importlib.metadata import PackageNotFoundError, version as _version
 
@@ -11,6 +11,7 @@ from .errors import MetabenchError, PluginError
 from .hookspecs import hookimpl
 from .learner import BUDGETS, Learner, TrainContext
 from .lifecycle import RunInfo
+from .settings import check_settings, setting
 from .task import ClassImageSource, DataSource, Episode, EpisodeDraw, Protocol
 
 try:
@@ -20,5 +21,6 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 __all__ = [
     "BUDGETS", "Backbone", "ClassImageSource", "DataSource", "Episode", "EpisodeDraw", "Learner",
-    "MetabenchError", "PluginError", "Protocol", "RunInfo", "TrainContext", "hookimpl", "__version__",
+    "MetabenchError", "PluginError", "Protocol", "RunInfo", "TrainContext", "check_settings", "hookimpl", "setting",
+    "__version__",
 ]

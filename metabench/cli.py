@@ -114,12 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except PluginError as exc:  # a plugin misbehaved during a command: not the user's input
+    except MetabenchError as exc:  # exit 2: bad input; PluginError, exit 1: a plugin failed (metabench/errors.py)
         err.print(f"metabench: error: {exc}", markup=False, soft_wrap=True)
-        return 1
-    except MetabenchError as exc:
-        err.print(f"metabench: error: {exc}", markup=False, soft_wrap=True)
-        return 2
+        if isinstance(exc, PluginError) and exc.__cause__ is not None:  # a plugin's own code raised
+            if os.environ.get("METABENCH_DEBUG"):
+                raise
+            err.print("(set METABENCH_DEBUG=1 for the traceback)", markup=False)
+        return exc.exit_status
     except KeyboardInterrupt:
         err.print("metabench: interrupted; nothing was written", markup=False)
         return 130
@@ -153,7 +154,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .lifecycle import RunInfo
     from .malloc import tune_glibc_malloc
     from .results import write_result
-    from .runner import PluginFailed, RunRequest, execute, prepare
+    from .runner import RunRequest, execute, prepare
 
     tune_glibc_malloc()  # freed blocks stay in the heap, no page faults for them again (metabench/malloc.py)
 
@@ -175,19 +176,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                          budget=opts["budget"], episodes=opts["episodes"], device=opts["device"],
                          learner_layers=layers, backbone_options=backbone_options)
     host = _host()
-    _, protocol, _, backbone_name, *_ = prepare(request, host)  # refuse bad input before any progress bar is drawn
-    run = RunInfo.start(request.learner, protocol.name, backbone_name, request.seed, request.budget, out_dir)
+    plan = prepare(request, host)  # refuse bad input before any progress bar is drawn
+    run = RunInfo.start(request.learner, plan.protocol.name, plan.backbone, request.seed, request.budget, out_dir)
     columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
-    try:
-        with Progress(*columns, console=err, transient=False) as bars:
-            doc = execute(request, host, RichProgress(bars), run)
-    except PluginFailed as exc:
-        err.print(f"metabench: error: {exc}", markup=False, soft_wrap=True)
-        if os.environ.get("METABENCH_DEBUG"):
-            raise
-        err.print("(set METABENCH_DEBUG=1 for the traceback)", markup=False)
-        return 1
+    with Progress(*columns, console=err, transient=False) as bars:
+        doc = execute(plan, host, RichProgress(bars), run)
     path = write_result(doc, out_dir)
     try:
         host.on_result(run, doc, path)
@@ -300,17 +294,13 @@ def cmd_data(args: argparse.Namespace) -> int:
     protocol, source, plugin = host.task(args.task)
     source.set_roots(data_roots(args, read_toml(args.config) if args.config else None))
     if args.data_command == "prepare":
-        from .runner import PluginFailed, prepare_split
+        from .runner import prepare_split
 
         columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("{task.fields[info]}"))
-        try:
-            with Progress(*columns, console=err) as bars:
-                for split in source.splits:
-                    prepare_split(source, split, plugin, RichProgress(bars))
-        except PluginFailed as exc:
-            err.print(f"metabench: error: {exc}", markup=False, soft_wrap=True)
-            return 1
+        with Progress(*columns, console=err) as bars:
+            for split in source.splits:
+                prepare_split(source, split, plugin, RichProgress(bars))
     info = source.info()
     table = make_table(f"{protocol.dataset} data ({args.task})", "split", "cached", "classes", "images",
                        "per class", "size")

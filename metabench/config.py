@@ -117,17 +117,6 @@ def coerce_backbone_options(overrides: dict[str, Any], defaults: dict[str, Any])
     return out
 
 
-def check_counts(learner: str, config: Any, names: tuple[str, ...], positive: tuple[str, ...] = ()) -> None:
-    """Raise ValueError unless each of ``names`` is a non-negative int and each of ``positive`` is >= 1."""
-    for name in names:
-        value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"{learner}: {name} must be a non-negative integer, got {value!r}")
-    for name in positive:
-        if getattr(config, name) < 1:
-            raise ValueError(f"{learner}: {name} must be at least 1, got {getattr(config, name)!r}")
-
-
 def resolve_problem_defaults(config: Any, defaults: Mapping[str, Any]) -> None:
     """Replace each field of ``config`` that is 0 (or "") by ``defaults[field]`` (in place)."""
     for name, value in defaults.items():

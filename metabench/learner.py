@@ -12,6 +12,7 @@ key=value`` override on top.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator, Sequence
@@ -20,6 +21,7 @@ import torch
 
 from .backbone import Backbone
 from .episodes import TrainSampler
+from .settings import check_settings
 from .task import ClassImageSource, DataSource, Protocol
 
 BUDGETS = ("smoke", "quick", "paper")
@@ -143,8 +145,11 @@ class Learner(abc.ABC):
     transductive: ClassVar[bool] = False
     #: Registered backbone used when the run names none.
     default_backbone: ClassVar[str] = "conv4"
-    #: Hyper-parameters: a dataclass whose every field has a default.
+    #: Hyper-parameters: a dataclass whose every field has a default. Declare what a field accepts
+    #: with :func:`metabench.setting` (bounds, choices); its annotation gives its type.
     Config: ClassVar[type]
+    #: How messages about its settings name the learner; "" = the class name in lower case.
+    name: ClassVar[str] = ""
     #: Budget name -> overrides of Config fields; must define smoke, quick and paper.
     budgets: ClassVar[dict[str, dict[str, Any]]] = {}
     #: The paper, for ``metabench list``.
@@ -155,9 +160,14 @@ class Learner(abc.ABC):
     paper_config: ClassVar[Any] = None
 
     def __init__(self, config: Any, backbone: Backbone, protocol: Protocol, device: torch.device):
-        """Subclasses check their settings here and raise ``ValueError`` naming the setting, what it
-        was and what is accepted: the CLI reports it as bad input (one line, exit status 2). Any
-        other exception is reported as the plugin failing (exit status 1)."""
+        """Checks a dataclass ``config`` against its fields' declarations (:func:`metabench.check_settings`:
+        types, and the bounds and choices of :func:`metabench.setting`). Subclasses check here what
+        the declarations cannot say (rules between settings, values resolved from the protocol or
+        the backbone) and raise ``ValueError`` naming the setting, what it was and what is accepted:
+        the CLI reports it as bad input (one line, exit status 2). Any other exception is reported
+        as the plugin failing (exit status 1)."""
+        if dataclasses.is_dataclass(config) and not isinstance(config, type):
+            check_settings(self.name or type(self).__name__.lower(), config)
         self.config = config
         self.backbone = backbone
         self.protocol = protocol

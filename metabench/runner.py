@@ -24,6 +24,7 @@ from .learner import BUDGETS, Learner, TrainContext
 from .lifecycle import RunInfo
 from .plugins import PluginHost
 from .results import PER_STEP_COUNTS, SCHEMA_VERSION
+from .settings import check_settings
 from .stats import summarize
 from .task import Protocol
 
@@ -45,8 +46,8 @@ class NoProgress:
         pass
 
 
-class PluginFailed(RuntimeError):
-    """A plugin's own code raised during a run; the message names the plugin."""
+#: The name runs used for a plugin whose code raised; it is :class:`~metabench.errors.PluginError`.
+PluginFailed = PluginError
 
 
 @dataclass
@@ -171,8 +172,38 @@ def paper_settings(cls: type[Learner], task: str, learner: str) -> dict[str, Any
     return dict(section) if isinstance(section, dict) else {}
 
 
-def prepare(request: RunRequest, host: PluginHost):
-    """Validate the request against the registries; return what :func:`execute` needs."""
+@dataclass(frozen=True)
+class RunPlan:
+    """A validated run: everything :func:`execute` needs, resolved once from a :class:`RunRequest`.
+
+    learner:   the registry entry of the learner (``.obj`` its class, ``.plugin`` its plugin)
+    protocol, source, task_plugin: the task, its data source and the plugin that registered it
+    backbone:  the backbone's registered name; backbone_options: the options passed to its factory;
+               recorded_options: those plus the factory's defaults (what the result records)
+    config:    the learner's Config instance (budget, paper config, --config and --set applied)
+    device:    where to compute; episodes: how many fixed test episodes to score
+    """
+
+    request: RunRequest
+    learner: Any
+    protocol: Protocol
+    source: Any
+    task_plugin: str
+    backbone: str
+    backbone_options: dict[str, Any]
+    recorded_options: dict[str, Any]
+    config: Any
+    device: torch.device
+    episodes: int
+
+    @property
+    def who(self) -> str:
+        """How error messages name the learner: ``learner 'maml' (plugin 'maml')``."""
+        return f"learner {self.learner.name!r} (plugin {self.learner.plugin!r})"
+
+
+def prepare(request: RunRequest, host: PluginHost) -> RunPlan:
+    """Validate the request against the registries; return the plan :func:`execute` carries out."""
     entry = host.learners.get(request.learner)
     cls: type[Learner] = entry.obj
     protocol, source, task_plugin = host.task(request.task)
@@ -196,21 +227,32 @@ def prepare(request: RunRequest, host: PluginHost):
         layers.append((f"paper config of {request.learner!r} for {protocol.name}", paper))
     layers += list(request.learner_layers)
     config = build_config(cls.Config, layers, request.learner)
+    if dataclasses.is_dataclass(config):  # the declared bounds, before any data is loaded (Learner.__init__ repeats it)
+        try:
+            check_settings(request.learner, config)
+        except ValueError as exc:
+            raise MetabenchError(f"learner {entry.name!r} (plugin {entry.plugin!r}) refused its settings: {exc}") from None
     device = resolve_device(request.device)
-    return entry, protocol, source, backbone_name, backbone_options, recorded_options, config, device
+    n_eval = request.episodes or (min(SMOKE_EPISODES, protocol.episodes) if request.budget == "smoke" else protocol.episodes)
+    return RunPlan(request, entry, protocol, source, task_plugin, backbone_name, backbone_options, recorded_options,
+                   config, device, n_eval)
 
 
-def execute(request: RunRequest, host: PluginHost, progress: Progress | None = None, run: RunInfo | None = None) -> dict:
-    """Run the request and return the result document (not yet written).
+def execute(plan: RunPlan | RunRequest, host: PluginHost, progress: Progress | None = None,
+            run: RunInfo | None = None) -> dict:
+    """Carry out a run (a plan from :func:`prepare`, or a request to prepare first) and return the
+    result document (not yet written).
 
     ``run``: what lifecycle hooks are told about this run; by default one with no output folder."""
+    if isinstance(plan, RunRequest):
+        plan = prepare(plan, host)
     progress = progress or NoProgress()
-    entry, protocol, source, backbone_name, backbone_options, recorded_options, config, device = prepare(request, host)
+    request, entry, protocol, source = plan.request, plan.learner, plan.protocol, plan.source
+    task_plugin, backbone_name, backbone_options = plan.task_plugin, plan.backbone, plan.backbone_options
+    recorded_options, config, device, n_eval, who = (plan.recorded_options, plan.config, plan.device, plan.episodes,
+                                                     plan.who)
     run = run or RunInfo.start(request.learner, protocol.name, backbone_name, request.seed, request.budget)
     commit = git_commit()  # the code that runs, read before the working tree can change under a long run
-    task_plugin = host.tasks.get(protocol.name).plugin
-    who = f"learner {entry.name!r} (plugin {entry.plugin!r})"
-    n_eval = request.episodes or (min(SMOKE_EPISODES, protocol.episodes) if request.budget == "smoke" else protocol.episodes)
 
     source.set_roots(request.data_roots or DataRoots.from_settings())
     for split in dict.fromkeys(("train", protocol.eval_split)):

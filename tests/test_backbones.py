@@ -10,16 +10,16 @@ import pytest
 import torch
 from torch import nn
 
-import metabench_plugins.resnet12
-import metabench_plugins.torchvision_backbones
-import metabench_plugins.wrn
+import metabench_plugins.backbones.resnet12
+import metabench_plugins.backbones.torchvision_backbones
+import metabench_plugins.backbones.wrn
 from metabench import MetabenchError
 from metabench.plugins import ENTRY_POINT_GROUP, PluginHost, PluginSource, discover
 
 BATCH = 2
 # The plugins of this file, added to the installed ones until their entry points exist.
-OURS = {"resnet12": metabench_plugins.resnet12, "wrn": metabench_plugins.wrn,
-        "torchvision": metabench_plugins.torchvision_backbones}
+OURS = {"resnet12": metabench_plugins.backbones.resnet12, "wrn": metabench_plugins.backbones.wrn,
+        "torchvision": metabench_plugins.backbones.torchvision_backbones}
 # What a family entry "family:*" is tested as.
 FAMILY_EXAMPLES = {"torchvision:*": "torchvision:resnet18"}
 # Published sizes: MetaOptNet's ResNet-12 has ~12.4M parameters, WRN-28-10 ~36.5M (CIFAR, with its classifier).

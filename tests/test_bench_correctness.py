@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from metabench.task import Episode
-from metabench_plugins.checkpointed_inner_loop import adapt_checkpointed, maml_meta_backward
-from metabench_plugins.conv4 import conv4
-from metabench_plugins.maml import adapt, batch_statistics_only, maml_meta_loss
-from metabench_plugins.maml_vmap import BasicBatchNorm, StackedTasks, maml_meta_loss_vmap
+from metabench_plugins.learners.checkpointed_inner_loop import adapt_checkpointed, maml_meta_backward
+from metabench_plugins.backbones.conv4 import conv4
+from metabench_plugins.learners.maml import adapt, batch_statistics_only, maml_meta_loss
+from metabench_plugins.learners.maml_vmap import BasicBatchNorm, StackedTasks, maml_meta_loss_vmap
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ["bench_episodes.py", "bench_maml.py", "bench_memory.py", "bench_eval.py", "bench_end_to_end.py"]
@@ -168,8 +168,8 @@ def test_end_to_end_tabulates_stored_results(tmp_path):
 def learner_meta_grad(problem: str, **options):
     """float64 meta-gradient of one meta-batch through MAML.meta_backward with ``options``."""
     from metabench.task import Protocol
-    from metabench_plugins.maml import MAML, MAMLConfig
-    from metabench_plugins.mlp import mlp
+    from metabench_plugins.learners.maml import MAML, MAMLConfig
+    from metabench_plugins.backbones.mlp import mlp
 
     torch.manual_seed(0)
     if problem == "classification":
@@ -225,9 +225,9 @@ def test_maml_learner_rejects_impossible_options(options, message):
 def test_task_batching_auto_picks_vmap_on_cuda_only(learner_name, device, options, expected):
     """The default ``task_batching = "auto"`` resolves per device (checked without a GPU: the
     resolution reads only ``learner.device``); what it resolved to is what the result records."""
-    from metabench_plugins.anil import ANIL
-    from metabench_plugins.kanji import protocols
-    from metabench_plugins.maml import MAML
+    from metabench_plugins.learners.anil import ANIL
+    from metabench_plugins.datasets.kanji import protocols
+    from metabench_plugins.learners.maml import MAML
 
     cls = {"maml": MAML, "anil": ANIL}[learner_name]
     protocol = next(p for p in protocols() if p.name == "kanji-5w1s")

@@ -148,8 +148,8 @@ def test_a_setting_the_learner_refuses_is_bad_input(capsys, tmp_path):
     code, _, err = cli(capsys, "run", "--learner", "protonet", "--task", "tiny-3w2s", "--budget", "smoke",
                        "--set", "lr=-1", "--out", str(tmp_path))
     assert code == 2
-    assert "learner 'protonet' (plugin 'protonet') refused its settings: protonet: lr must be positive" \
-        in one_error_line(err)
+    assert ("learner 'protonet' (plugin 'protonet') refused its settings: "
+            "protonet: lr must be a number > 0, got -1.0") in one_error_line(err)
     assert list(tmp_path.iterdir()) == []
 
 

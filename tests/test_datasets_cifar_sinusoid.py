@@ -23,7 +23,8 @@ from metabench.episodes import TrainSampler, episodes_sha256, eval_draws
 from metabench.plugins import PluginHost, PluginSource, discover
 from metabench.rng import SplitMix64
 from metabench.runner import RunRequest, execute
-from metabench_plugins import cifar, mlp, sinusoid
+from metabench_plugins.backbones import mlp
+from metabench_plugins.datasets import cifar, sinusoid
 
 from conftest import host_with
 

@@ -21,11 +21,11 @@ import metabench.data
 from metabench import MetabenchError
 from metabench.data import DataRoots, decode_image, read_split_file
 from metabench.episodes import episodes_sha256, eval_draws
-from metabench_plugins import cub, miniimagenet, omniglot, tieredimagenet
-from metabench_plugins.cub import CUBSource
-from metabench_plugins.miniimagenet import SPLITS_DIR, MiniImageNetSource
-from metabench_plugins.omniglot import OmniglotSource
-from metabench_plugins.tieredimagenet import TieredImageNetSource
+from metabench_plugins.datasets import cub, miniimagenet, omniglot, tieredimagenet
+from metabench_plugins.datasets.cub import CUBSource
+from metabench_plugins.datasets.miniimagenet import SPLITS_DIR, MiniImageNetSource
+from metabench_plugins.datasets.omniglot import OmniglotSource
+from metabench_plugins.datasets.tieredimagenet import TieredImageNetSource
 
 from conftest import host_with
 
@@ -560,7 +560,7 @@ def test_a_run_end_to_end_on_a_small_copy(layout, task, tmp_path):
             for protocol in module.protocols():
                 register(protocol, source)
 
-    from metabench_plugins import conv4
+    from metabench_plugins.backbones import conv4
 
     # builtins=False: the installed omniglot / miniimagenet plugins would register the same task names
     host = host_with(("tiny", tiny_plugin()), ("conv4", conv4), ("small", Small()), builtins=False)

@@ -7,7 +7,7 @@
   (First-order MAML against its definition is in test_maml_gradient.py.)
 * Reptile's outer update against its definition, one meta-step computed by hand with SGD and
   with the inner Adam (beta1 = 0) whose state carries over from task to task.
-* Per-problem defaults (0 = the task's problem type's value) and the configs/*.toml paper tables.
+* Per-problem defaults (0 = the task's problem type's value) and the plugins/learners/*.toml paper tables.
 * MAML on sinusoid through ``metabench.runner.execute``: finite, deterministic MSE, and a short
   meta-training beats the untrained model; learners without regression refuse sinusoid.
 """
@@ -29,12 +29,12 @@ from metabench import Backbone, Episode, MetabenchError, Protocol, TrainContext
 from metabench.episodes import eval_draws
 from metabench.plugins import PluginHost, PluginSource, discover
 from metabench.runner import RunRequest, execute, prepare
-from metabench_plugins.anil import ANIL, anil_meta_loss, split_params
-from metabench_plugins.conv4 import conv4
-from metabench_plugins.maml import MAML, batch_statistics_only, maml_meta_loss
-from metabench_plugins.metasgd import MetaSGD
-from metabench_plugins.mlp import mlp
-from metabench_plugins.reptile import Reptile, minibatches, outer_step_size
+from metabench_plugins.learners.anil import ANIL, anil_meta_loss, split_params
+from metabench_plugins.backbones.conv4 import conv4
+from metabench_plugins.learners.maml import MAML, batch_statistics_only, maml_meta_loss
+from metabench_plugins.learners.metasgd import MetaSGD
+from metabench_plugins.backbones.mlp import mlp
+from metabench_plugins.learners.reptile import Reptile, minibatches, outer_step_size
 
 NEW_LEARNERS = ("anil", "metasgd", "reptile")
 WAYS, SHOTS, QUERIES = 3, 2, 2
@@ -48,7 +48,7 @@ def make_host() -> PluginHost:
     """The installed plugins plus this change's learners where they are not registered yet."""
     sources = discover()
     have = {s.name for s in sources}
-    sources += [PluginSource.from_object(n, importlib.import_module(f"metabench_plugins.{n}"), "tests", "0")
+    sources += [PluginSource.from_object(n, importlib.import_module(f"metabench_plugins.learners.{n}"), "tests", "0")
                 for n in NEW_LEARNERS if n not in have]
     return PluginHost(sources)
 
@@ -384,7 +384,8 @@ def paper_tables():
 def test_paper_config_tables_are_valid(learner, task):
     """Every table names a registered protocol the learner can run; its settings build a config."""
     assert task in HOST.tasks, f"{learner}: unknown protocol {task!r}"
-    *_, backbone_options, _, config, _ = prepare(RunRequest(learner=learner, task=task, budget="paper"), HOST)
+    plan = prepare(RunRequest(learner=learner, task=task, budget="paper"), HOST)
+    backbone_options, config = plan.backbone_options, plan.config
     section = tomllib.loads(open(HOST.learners.get(learner).obj.paper_config, encoding="utf-8").read())[task]
     values = dataclasses.asdict(config)
     for key, value in section.items():

@@ -7,7 +7,7 @@ from torch import nn
 
 from metabench import inference
 from metabench.inference import InferenceNet, fold_batchnorm
-from metabench_plugins.conv4 import conv4
+from metabench_plugins.backbones.conv4 import conv4
 
 
 def trained_conv4(width: int = 8, size: int = 28) -> nn.Module:
@@ -138,8 +138,8 @@ class _Scaled(nn.Module):
 
 
 def test_protonet_predict_matches_the_plain_network():
-    from metabench_plugins.kanji import protocols
-    from metabench_plugins.protonet import ProtoNet, ProtoNetConfig, prototype_logits
+    from metabench_plugins.datasets.kanji import protocols
+    from metabench_plugins.learners.protonet import ProtoNet, ProtoNetConfig, prototype_logits
 
     protocol = next(p for p in protocols() if p.name == "kanji-5w5s")
     torch.manual_seed(0)
@@ -156,13 +156,13 @@ def test_protonet_predict_matches_the_plain_network():
 
 
 def _kanji_5w5s():
-    from metabench_plugins.kanji import protocols
+    from metabench_plugins.datasets.kanji import protocols
 
     return next(p for p in protocols() if p.name == "kanji-5w5s")
 
 
 def test_matchingnet_predict_runs_the_test_time_copy_and_matches_the_plain_network():
-    from metabench_plugins.matchingnet import MatchingNet, MatchingNetConfig
+    from metabench_plugins.learners.matchingnet import MatchingNet, MatchingNetConfig
 
     for fce in (False, True):
         torch.manual_seed(0)
@@ -182,7 +182,7 @@ def test_matchingnet_predict_runs_the_test_time_copy_and_matches_the_plain_netwo
 
 @pytest.mark.parametrize("name", ["baseline", "baseline++"])
 def test_baseline_predict_embeds_with_the_test_time_copy_and_matches_the_plain_network(name):
-    from metabench_plugins.baseline import Baseline, BaselineConfig, BaselinePlusPlus, BaselinePlusPlusConfig
+    from metabench_plugins.learners.baseline import Baseline, BaselineConfig, BaselinePlusPlus, BaselinePlusPlusConfig
 
     cls, config = (Baseline, BaselineConfig) if name == "baseline" else (BaselinePlusPlus, BaselinePlusPlusConfig)
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from metabench_plugins import kanji_data as K
+from metabench_plugins.datasets import kanji_data as K
 
 N_CLASSES = {"train": 1500, "val": 240, "test": 600}
 

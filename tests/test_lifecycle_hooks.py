@@ -17,7 +17,7 @@ import metabench.plugins
 from metabench import PluginError, RunInfo, hookimpl
 from metabench.cli import main
 from metabench.runner import RunRequest, execute
-from metabench_plugins import training_curve
+from metabench_plugins.loggers import training_curve
 
 from conftest import ROOT, host_with, tiny_plugin
 

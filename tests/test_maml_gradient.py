@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from metabench import Backbone, Episode, Protocol, TrainContext
-from metabench_plugins.conv4 import conv4
-from metabench_plugins.maml import MAML, batch_statistics_only, maml_meta_loss
-from metabench_plugins.protonet import ProtoNet, prototype_logits
+from metabench_plugins.backbones.conv4 import conv4
+from metabench_plugins.learners.maml import MAML, batch_statistics_only, maml_meta_loss
+from metabench_plugins.learners.protonet import ProtoNet, prototype_logits
 
 WAYS, SHOTS, QUERIES = 3, 2, 2
 PROTOCOL = Protocol(name="toy-3w2s", version=1, dataset="toy", ways=WAYS, shots=SHOTS, queries=QUERIES,

@@ -20,12 +20,12 @@ from torch import nn
 
 from metabench import Backbone, Protocol
 from metabench.runner import RunRequest, execute
-from metabench_plugins import baseline, matchingnet, relationnet
-from metabench_plugins import conv4 as conv4_plugin
-from metabench_plugins.baseline import Baseline, BaselinePlusPlus, Head, fit_head
-from metabench_plugins.conv4 import conv4
-from metabench_plugins.matchingnet import MatchingNet, cosine_attention, matching_log_probs
-from metabench_plugins.relationnet import RelationNet, feature_map_network, relation_pairs
+from metabench_plugins.learners import baseline, matchingnet, relationnet
+from metabench_plugins.backbones import conv4 as conv4_plugin
+from metabench_plugins.learners.baseline import Baseline, BaselinePlusPlus, Head, fit_head
+from metabench_plugins.backbones.conv4 import conv4
+from metabench_plugins.learners.matchingnet import MatchingNet, cosine_attention, matching_log_probs
+from metabench_plugins.learners.relationnet import RelationNet, feature_map_network, relation_pairs
 
 from conftest import host_with, tiny_plugin
 

@@ -17,13 +17,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY, TinySource, host_with, tiny_plugin
-from metabench_plugins import amtl as amtl_module
-from metabench_plugins import conv4 as conv4_module
-from metabench_plugins import mtl as mtl_module
-from metabench_plugins import tamtl as tamtl_module
-from metabench_plugins.amtl import AMTL, fgsm, pgd
-from metabench_plugins.conv4 import conv4
-from metabench_plugins.mtl import (
+from metabench_plugins.learners import amtl as amtl_module
+from metabench_plugins.backbones import conv4 as conv4_module
+from metabench_plugins.learners import mtl as mtl_module
+from metabench_plugins.learners import tamtl as tamtl_module
+from metabench_plugins.learners.amtl import AMTL, fgsm, pgd
+from metabench_plugins.backbones.conv4 import conv4
+from metabench_plugins.learners.mtl import (
     MTL,
     SSConv2d,
     failure_class,
@@ -31,8 +31,8 @@ from metabench_plugins.mtl import (
     install_scaling_shifting,
     ss_parameters,
 )
-from metabench_plugins.resnet12 import resnet12
-from metabench_plugins.tamtl import (
+from metabench_plugins.backbones.resnet12 import resnet12
+from metabench_plugins.learners.tamtl import (
     TAMTL,
     generalized_entropy,
     gini,
@@ -353,7 +353,7 @@ def test_predict_is_deterministic_and_changes_no_parameter(cls):
 
 
 def test_a_backbone_without_convolutions_is_refused():
-    from metabench_plugins.mlp import mlp
+    from metabench_plugins.backbones.mlp import mlp
 
     with pytest.raises(ValueError, match="Conv2d"):
         make(backbone=mlp(1, 16))

@@ -29,12 +29,12 @@ from metabench.plugins import get_host
 from metabench.results import PER_STEP_COUNTS, load_result, per_step_problems
 from metabench.runner import RunRequest, execute
 from metabench.stacked_tasks import can_stack, stackable
-from metabench_plugins.anil import ANIL
-from metabench_plugins.conv4 import conv4
-from metabench_plugins.maml import MAML
-from metabench_plugins.metasgd import MetaSGD
-from metabench_plugins.mlp import mlp
-from metabench_plugins.reptile import Reptile
+from metabench_plugins.learners.anil import ANIL
+from metabench_plugins.backbones.conv4 import conv4
+from metabench_plugins.learners.maml import MAML
+from metabench_plugins.learners.metasgd import MetaSGD
+from metabench_plugins.backbones.mlp import mlp
+from metabench_plugins.learners.reptile import Reptile
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "maml_sinusoid_paper_weights.json"
@@ -146,7 +146,7 @@ def test_predictions_after_steps_continue_one_adaptation(name, eval_steps):
 
 def test_learners_without_steps_return_none():
     from metabench import Learner
-    from metabench_plugins.protonet import ProtoNet
+    from metabench_plugins.learners.protonet import ProtoNet
 
     assert ProtoNet.predict_after_steps is Learner.predict_after_steps
     assert Learner.predict_after_steps(None, None, None, None, PER_STEP_COUNTS) is None
@@ -201,12 +201,12 @@ def test_leaderboard_shows_test_steps_and_the_mse_after_each(smoke_result, tmp_p
 @pytest.mark.parametrize("task", ["sinusoid-5s", "sinusoid-10s", "sinusoid-20s"])
 def test_paper_configs_report_sine_regression_after_one_step(learner, task):
     """Finn et al.'s headline sine figure (and Meta-SGD's table) is the error after one test step."""
-    doc = tomllib.loads((ROOT / "configs" / f"{learner}.toml").read_text())
+    doc = tomllib.loads((ROOT / "plugins" / "learners" / f"{learner}.toml").read_text())
     assert doc[task]["eval_inner_steps"] == 1
 
 
 def fixture_learner() -> MAML:
-    """MAML with the weights of a paper-length run (configs/maml.toml, sinusoid-5s, 70,000 meta-steps)."""
+    """MAML with the weights of a paper-length run (plugins/learners/maml.toml, sinusoid-5s, 70,000 meta-steps)."""
     saved = json.loads(FIXTURE.read_text())
     learner = MAML(MAML.Config(inner_lr=0.01), mlp(1, 1), SINE, CPU)
     learner.model.load_state_dict({k: torch.tensor(v, dtype=torch.float32) for k, v in saved["state"].items()})
@@ -234,7 +234,7 @@ def test_paper_trained_maml_is_stable_after_one_step_and_not_after_ten():
     assert one.mean().item() == pytest.approx(saved["mse_after_1"], rel=1e-4)
     assert ten.mean().item() == pytest.approx(saved["mse_after_10"], rel=1e-4)
     # the paper config's step count keeps every episode bounded (A <= 5: predicting 0 costs at most 25)
-    steps = tomllib.loads((ROOT / "configs" / "maml.toml").read_text())["sinusoid-5s"]["eval_inner_steps"]
+    steps = tomllib.loads((ROOT / "plugins" / "learners" / "maml.toml").read_text())["sinusoid-5s"]["eval_inner_steps"]
     assert max(after[steps]) < 10
     # ten steps of the same size: episodes that one step fits well end many times worse
     assert int(((ten > 20 * one) & (ten > 5)).sum()) >= 2

@@ -15,7 +15,7 @@ alpha is initialised uniformly in [``alpha_init``, ``alpha_init_max``] (a consta
 
 Settings, per-problem defaults (0 = the default for classification or regression), losses
 (cross-entropy / mean squared error) and BatchNorm with batch statistics (transductive) are
-MAML's (:mod:`metabench_plugins.maml`); ``inner_steps`` and ``eval_inner_steps`` default to the
+MAML's (:mod:`metabench_plugins.learners.maml`); ``inner_steps`` and ``eval_inner_steps`` default to the
 paper's single step and may be raised (each step then uses the same alpha).
 """
 from __future__ import annotations
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from metabench import hookimpl
+from metabench import hookimpl, setting
 
-from .maml import CONFIGS, MAML
+from .maml import CONFIGS, MAML, TASK_BATCHING
 
 
 @dataclass
@@ -48,17 +48,17 @@ class MetaSGDConfig:
     task_batching:    "loop", "stacked" (fully connected backbones) or "auto"; as MAML's
     """
 
-    meta_steps: int = 0
-    meta_batch: int = 0
-    alpha_init: float = 0.0
-    alpha_init_max: float = 0.0
-    inner_steps: int = 1
-    eval_inner_steps: int = 1
+    meta_steps: int = setting(0, min=0)
+    meta_batch: int = setting(0, min=0)
+    alpha_init: float = setting(0.0, min=0)
+    alpha_init_max: float = setting(0.0, min=0)
+    inner_steps: int = setting(1, min=0)
+    eval_inner_steps: int = setting(1, min=0)
     meta_lr: float = 1e-3
     first_order: bool = False
-    train_shots: int = 0
-    train_queries: int = 0
-    task_batching: str = "auto"
+    train_shots: int = setting(0, min=0)
+    train_queries: int = setting(0, min=0)
+    task_batching: str = setting("auto", choices=TASK_BATCHING)
 
 
 class MetaSGD(MAML):
@@ -80,7 +80,7 @@ class MetaSGD(MAML):
         "smoke": {"meta_steps": 3, "meta_batch": 2, "train_queries": 2},
         "quick": {},
         # The paper's length; per-protocol settings (alpha's range, meta-batch, queries, conv4
-        # width) come from configs/metasgd.toml.
+        # width) come from metasgd.toml.
         "paper": {"meta_steps": 60000, "meta_batch": 32, "inner_steps": 1, "eval_inner_steps": 1, "meta_lr": 1e-3,
                   "first_order": False},
     }
@@ -96,12 +96,6 @@ class MetaSGD(MAML):
         self.alpha = nn.ParameterList(
             [nn.Parameter(torch.empty_like(p).uniform_(low, high) if high > low else torch.full_like(p, low))
              for p in self.model.parameters()])
-
-    def check_step_sizes(self, name: str) -> None:
-        """Meta-SGD learns its step sizes: check their initialisation range instead of inner_lr."""
-        for field in ("alpha_init", "alpha_init_max"):
-            if not getattr(self.config, field) >= 0:
-                raise ValueError(f"{name}: {field} must be non-negative, got {getattr(self.config, field)!r}")
 
     def step_sizes(self) -> dict:
         """alpha as a name -> tensor dict, aligned with :meth:`meta_params`."""

@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metabench import Learner, hookimpl
+from metabench import Learner, hookimpl, setting
 from metabench.episodic import train_on_episodes
 from metabench.inference import InferenceNet
 
-from . import configs
+from . import paper_config
 
 
 def cosine_attention(support_emb: torch.Tensor, query_emb: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -102,16 +102,16 @@ class MatchingNetConfig:
     fce_steps:     processing steps K of the attention LSTM f
     """
 
-    meta_steps: int = 2500
-    lr: float = 1e-3
-    lr_step: int = 1000
+    meta_steps: int = setting(2500, min=0)
+    lr: float = setting(1e-3, min=0, min_exclusive=True)
+    lr_step: int = setting(1000, min=0)
     lr_gamma: float = 0.5
-    train_ways: int = 20
-    train_shots: int = 0
-    train_queries: int = 5
-    scale: float = 10.0
+    train_ways: int = setting(20, min=0)
+    train_shots: int = setting(0, min=0)
+    train_queries: int = setting(5, min=0)
+    scale: float = setting(10.0, min=0, min_exclusive=True)
     fce: bool = False
-    fce_steps: int = 5
+    fce_steps: int = setting(5, min=0)
 
 
 class MatchingNet(Learner):
@@ -119,7 +119,7 @@ class MatchingNet(Learner):
 
     transductive = False
     Config = MatchingNetConfig
-    paper_config = configs.path("matchingnet.toml")
+    paper_config = paper_config("matchingnet.toml")
     reference = ("Vinyals, Blundell, Lillicrap, Kavukcuoglu & Wierstra. "
                  "Matching Networks for One Shot Learning. NeurIPS 2016.")
     # quick: about 3.5 minutes of meta-training + 600 test episodes of kanji-5w1s on 2 CPU cores.
@@ -135,14 +135,6 @@ class MatchingNet(Learner):
 
     def __init__(self, config, backbone, protocol, device):
         super().__init__(config, backbone, protocol, device)
-        for name in ("meta_steps", "train_ways", "train_shots", "train_queries", "lr_step", "fce_steps"):
-            value = getattr(config, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"matchingnet: {name} must be a non-negative integer, got {value!r}")
-        if not config.lr > 0:
-            raise ValueError(f"matchingnet: lr must be positive, got {config.lr!r}")
-        if not config.scale > 0:
-            raise ValueError(f"matchingnet: scale must be positive, got {config.scale!r}")
         self.net = backbone.module.to(device)
         self._inference = InferenceNet(self.net)  # predict()'s test-time copy, rebuilt when weights change
         self.fce = FullContextEmbedding(backbone.out_features, config.fce_steps).to(device) if config.fce else None

@@ -23,7 +23,7 @@ Images: uint8 ``[n_classes * 20, 1, 28, 28]``, ink 255 on black 0, classes conti
 All 2,340 classes (train, val, test order) are rendered once into the cache folder as
 ``kanji-v{DATA_VERSION}-{IMAGE_SIZE}px.npy`` (46,800 images, about 37 MB).
 
-CLI: ``python -m metabench_plugins.kanji_data [--write-splits] [--render]``.
+CLI: ``python -m metabench_plugins.datasets.kanji_data [--write-splits] [--render]``.
 """
 from __future__ import annotations
 

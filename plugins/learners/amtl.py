@@ -18,7 +18,7 @@ shifting, meta-learned linear base learner, hard-task meta-batches) except each 
 
 The failure class of a task (for hard-task meta-batches) is read off the clean-adapted learner on
 the clean queries, and test episodes are scored clean, with MTL's ``predict``. ``--budget
-paper`` runs MTL's published schedule (its ``configs/mtl.toml``) with this variant's attack
+paper`` runs MTL's published schedule (its ``mtl.toml``) with this variant's attack
 settings, which are metabench's choice.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from metabench import hookimpl
+from metabench import hookimpl, setting
 
 from .mtl import MTL, MTLConfig, TaskOutcome
 
@@ -80,10 +80,10 @@ class AMTLConfig(MTLConfig):
     clamp:         clip adversarial images to [0, 1]
     """
 
-    attack: str = "fgsm"
-    epsilon: float = 0.03
-    pgd_steps: int = 3
-    pgd_step_size: float = 0.0
+    attack: str = setting("fgsm", choices=("fgsm", "pgd"))
+    epsilon: float = setting(0.03, min=0)
+    pgd_steps: int = setting(3, min=1)
+    pgd_step_size: float = setting(0.0, min=0)
     clamp: bool = True
 
 
@@ -101,15 +101,6 @@ class AMTL(MTL):
         "quick": {**MTL.budgets["quick"], "meta_steps": 100},
         "paper": dict(MTL.budgets["paper"]),
     }
-
-    def check_config(self, c) -> None:
-        super().check_config(c)
-        if c.attack not in ("fgsm", "pgd"):
-            raise ValueError(f"{self.name}: attack must be 'fgsm' or 'pgd', got {c.attack!r}")
-        if not c.epsilon >= 0 or not c.pgd_step_size >= 0:
-            raise ValueError(f"{self.name}: epsilon and pgd_step_size must be non-negative")
-        if not isinstance(c.pgd_steps, int) or isinstance(c.pgd_steps, bool) or c.pgd_steps < 1:
-            raise ValueError(f"{self.name}: pgd_steps must be a positive integer, got {c.pgd_steps!r}")
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Adversarial copy of ``x`` [N, C, H, W] against the model at the meta-parameters, labels ``y`` [N]."""

@@ -1,7 +1,7 @@
 """Task-batched MAML meta-loss: ``torch.func.vmap`` over the tasks of a meta-batch.
 
 A helper module, not a plugin: :func:`maml_meta_loss_vmap` computes the same value (and, through
-it, the same meta-gradient) as :func:`metabench_plugins.maml.maml_meta_loss`, with the ``T`` tasks
+it, the same meta-gradient) as :func:`metabench_plugins.learners.maml.maml_meta_loss`, with the ``T`` tasks
 stacked along a new first dimension and each task's inner loop written once for a single task
 (``torch.func.grad`` + ``functional_call``) and vectorised by ``vmap``.
 
@@ -11,7 +11,7 @@ therefore run through a copy in which every BatchNorm layer is replaced by :clas
 which normalises with the batch statistics of its input computed from basic ops (mean, square,
 rsqrt). Under ``vmap`` that input is one task's batch, so the statistics are per task, exactly as
 in the loop. It has the same parameter names (``weight``, ``bias``), so the ``params`` dict of the
-original model is used unchanged. Like MAML's models (:func:`~metabench_plugins.maml.batch_statistics_only`),
+original model is used unchanged. Like MAML's models (:func:`~metabench_plugins.learners.maml.batch_statistics_only`),
 it never uses running statistics.
 
 Speed and memory on a 2-core CPU are in ``benchmarks/RESULTS.md``; the loop stays the default there.
@@ -119,7 +119,7 @@ def maml_meta_loss_vmap(model: nn.Module, params: dict, tasks: Sequence | Stacke
                         inner_steps: int, first_order: bool = False, loss=F.cross_entropy) -> torch.Tensor:
     """Mean over tasks of the query loss after adaptation, all tasks in one ``vmap``.
 
-    Same arguments and value as :func:`metabench_plugins.maml.maml_meta_loss`; ``tasks`` may be a
+    Same arguments and value as :func:`metabench_plugins.learners.maml.maml_meta_loss`; ``tasks`` may be a
     sequence of episodes of equal shapes or a :class:`StackedTasks`. Differentiating the result
     with respect to ``params`` gives the MAML (``first_order=False``) or FOMAML meta-gradient.
     ``loss(predictions, targets)`` is the task loss (cross-entropy; ``F.mse_loss`` for regression).

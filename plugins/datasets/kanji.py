@@ -1,7 +1,7 @@
 """Built-in task plugin: ``kanji``, the default data set (Omniglot-like, rendered from KanjiVG).
 
 2,340 characters of at most 10 strokes, 20 jittered renderings each at 28 x 28 px; classes split
-1,500 train / 240 val / 600 test (see :mod:`metabench_plugins.kanji_data`). Protocols follow the
+1,500 train / 240 val / 600 test (see :mod:`metabench_plugins.datasets.kanji_data`). Protocols follow the
 Omniglot conventions: 5-way with 15 queries per class, 20-way with 5, 600 test episodes.
 """
 from __future__ import annotations

@@ -19,7 +19,7 @@ MTL's except the meta-loss, which gets one of two terms (weight ``reg_weight`` =
   meta-batch of one task gets no term.
 
 The weight and the choices are metabench's defaults, not published ones. ``--budget paper``
-runs MTL's published schedule (its ``configs/mtl.toml``) with this variant's regulariser.
+runs MTL's published schedule (its ``mtl.toml``) with this variant's regulariser.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from metabench import hookimpl
+from metabench import hookimpl, setting
 
 from .mtl import MTL, MTLConfig, TaskOutcome
 
@@ -81,11 +81,11 @@ class TAMTLConfig(MTLConfig):
     inequality_of: "initial" (theta's query losses) or "adapted" (the adapted learners' query losses)
     """
 
-    regularizer: str = "entropy"
-    reg_weight: float = 0.1
-    inequality: str = "theil"
+    regularizer: str = setting("entropy", choices=("entropy", "inequality"))
+    reg_weight: float = setting(0.1, min=0)
+    inequality: str = setting("theil", choices=("theil", "generalized_entropy", "gini"))
     ge_alpha: float = 2.0
-    inequality_of: str = "initial"
+    inequality_of: str = setting("initial", choices=("initial", "adapted"))
 
 
 class TAMTL(MTL):
@@ -100,18 +100,6 @@ class TAMTL(MTL):
         "quick": dict(MTL.budgets["quick"]),
         "paper": dict(MTL.budgets["paper"]),
     }
-
-    def check_config(self, c) -> None:
-        super().check_config(c)
-        if c.regularizer not in ("entropy", "inequality"):
-            raise ValueError(f"{self.name}: regularizer must be 'entropy' or 'inequality', got {c.regularizer!r}")
-        if c.inequality not in ("theil", "generalized_entropy", "gini"):
-            raise ValueError(f"{self.name}: inequality must be 'theil', 'generalized_entropy' or 'gini', "
-                             f"got {c.inequality!r}")
-        if c.inequality_of not in ("initial", "adapted"):
-            raise ValueError(f"{self.name}: inequality_of must be 'initial' or 'adapted', got {c.inequality_of!r}")
-        if not c.reg_weight >= 0:
-            raise ValueError(f"{self.name}: reg_weight must be non-negative, got {c.reg_weight!r}")
 
     def inequality(self, losses: torch.Tensor) -> torch.Tensor:
         """The configured inequality measure of per-task losses [n]."""

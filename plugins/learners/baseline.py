@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metabench import Learner, hookimpl
+from metabench import Learner, hookimpl, setting
 from metabench.episodic import optimizer_step
 from metabench.inference import InferenceNet
 from metabench.pooled import PooledBatches
 
-from . import configs
+from . import paper_config
 
 
 def cosine_logits(features: torch.Tensor, weight: torch.Tensor, scale: float) -> torch.Tensor:
@@ -105,18 +105,18 @@ class BaselineConfig:
     finetune_seed:         seed of the new head's initialisation and minibatch order
     """
 
-    pretrain_steps: int = 1500
-    pretrain_epochs: int = 400
-    batch_size: int = 64
-    lr: float = 1e-3
-    lr_step: int = 500
+    pretrain_steps: int = setting(1500, min=0)
+    pretrain_epochs: int = setting(400, min=0)
+    batch_size: int = setting(64, min=1)
+    lr: float = setting(1e-3, min=0, min_exclusive=True)
+    lr_step: int = setting(500, min=0)
     lr_gamma: float = 0.5
-    finetune_steps: int = 100
-    finetune_lr: float = 0.01
-    finetune_momentum: float = 0.9
-    finetune_batch: int = 4
-    finetune_weight_decay: float = 0.0
-    finetune_dampening: float = 0.0
+    finetune_steps: int = setting(100, min=0)
+    finetune_lr: float = setting(0.01, min=0, min_exclusive=True)
+    finetune_momentum: float = setting(0.9, min=0)
+    finetune_batch: int = setting(4, min=0)
+    finetune_weight_decay: float = setting(0.0, min=0)
+    finetune_dampening: float = setting(0.0, min=0)
     finetune_seed: int = 0
 
 
@@ -133,10 +133,10 @@ class BaselinePlusPlusConfig(BaselineConfig):
     pre-training classifier over many classes, whose softmax a scale of 2 would keep nearly flat.
     """
 
-    pretrain_steps: int = 4500
-    lr_step: int = 1500
-    pretrain_scale: float = 10.0
-    finetune_scale: float = 2.0
+    pretrain_steps: int = setting(4500, min=0)
+    lr_step: int = setting(1500, min=0)
+    pretrain_scale: float = setting(10.0, min=0, min_exclusive=True)
+    finetune_scale: float = setting(2.0, min=0, min_exclusive=True)
 
 
 _PAPER = {"pretrain_steps": 0, "pretrain_epochs": 400, "batch_size": 16, "lr": 1e-3, "lr_step": 0,
@@ -146,11 +146,12 @@ _PAPER = {"pretrain_steps": 0, "pretrain_epochs": 400, "batch_size": 16, "lr": 1
 class Baseline(Learner):
     """Baseline (Chen et al., ICLR 2019): pre-trained backbone + linear head fitted per episode."""
 
+    name = "baseline"
     transductive = False
     Config = BaselineConfig
     cosine = False
     reference = "Chen, Liu, Kira, Wang & Huang. A Closer Look at Few-shot Classification. ICLR 2019."
-    paper_config = configs.path("baseline.toml")
+    paper_config = paper_config("baseline.toml")
     # quick: about 1.5 minutes of pre-training + 600 test episodes of kanji-5w1s on 2 CPU cores.
     # Longer pre-training hurts the linear baseline on kanji (it fits the 1,500 training classes):
     # on the first 200 test episodes, 1,500 minibatches gave 96.4%, 2,000 gave 94.7% and 4,500
@@ -165,26 +166,9 @@ class Baseline(Learner):
 
     def __init__(self, config, backbone, protocol, device):
         super().__init__(config, backbone, protocol, device)
-        name = self.registered_name()
-        for field in ("pretrain_steps", "pretrain_epochs", "lr_step", "finetune_steps", "finetune_batch"):
-            value = getattr(config, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name}: {field} must be a non-negative integer, got {value!r}")
-        if not isinstance(config.batch_size, int) or isinstance(config.batch_size, bool) or config.batch_size < 1:
-            raise ValueError(f"{name}: batch_size must be a positive integer, got {config.batch_size!r}")
-        for field in ("lr", "finetune_lr") + (("pretrain_scale", "finetune_scale") if self.cosine else ()):
-            if not getattr(config, field) > 0:
-                raise ValueError(f"{name}: {field} must be positive, got {getattr(config, field)!r}")
-        for field in ("finetune_momentum", "finetune_dampening", "finetune_weight_decay"):
-            if not getattr(config, field) >= 0:
-                raise ValueError(f"{name}: {field} must be zero or positive, got {getattr(config, field)!r}")
         self.net = backbone.module.to(device)
         self._inference = InferenceNet(self.net)  # predict()'s test-time copy, rebuilt when weights change
         self.dim = backbone.out_features
-
-    @classmethod
-    def registered_name(cls) -> str:
-        return "baseline++" if cls.cosine else "baseline"
 
     def pretrain_scale(self) -> float:
         return 1.0
@@ -234,9 +218,10 @@ class Baseline(Learner):
 class BaselinePlusPlus(Baseline):
     """Baseline++ (Chen et al., ICLR 2019): like Baseline with cosine-similarity classifiers."""
 
+    name = "baseline++"
     Config = BaselinePlusPlusConfig
     cosine = True
-    paper_config = configs.path("baseline++.toml")
+    paper_config = paper_config("baseline++.toml")
     # quick: about 3.5 minutes of pre-training + 600 test episodes of kanji-5w1s on 2 CPU cores;
     # unlike Baseline, Baseline++ keeps improving with longer pre-training (1,000 minibatches:
     # 98.3% on the first 200 test episodes; 4,500: 99.2% on all 600).

@@ -36,13 +36,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from metabench import Learner, hookimpl
+from metabench import Learner, hookimpl, setting
 
 from metabench.adaptation import task_loss
 from metabench.batchnorm import batch_statistics_only
-from metabench.config import check_counts, resolve_problem_defaults
+from metabench.config import resolve_problem_defaults
 
-from . import configs
+from . import paper_config
 
 OPTIMIZERS = ("adam", "sgd")
 ADAM_BETAS = (0.0, 0.999)  # the paper's inner Adam: beta1 = 0
@@ -96,18 +96,18 @@ class ReptileConfig:
     eval_seed:        seed of the test-time minibatch order (predict is deterministic)
     """
 
-    meta_steps: int = 0
-    meta_batch: int = 0
-    outer_lr: float = 1.0
-    outer_lr_final: float = 0.0
-    inner_lr: float = 0.0
-    inner_optimizer: str = ""
-    inner_steps: int = 0
-    inner_batch: int = 0
-    train_shots: int = 0
-    eval_inner_steps: int = 0
-    eval_inner_batch: int = 0
-    eval_seed: int = 0
+    meta_steps: int = setting(0, min=0)
+    meta_batch: int = setting(0, min=0)
+    outer_lr: float = setting(1.0, min=0)
+    outer_lr_final: float = setting(0.0, min=0)
+    inner_lr: float = setting(0.0, min=0)
+    inner_optimizer: str = setting("", choices=("",) + OPTIMIZERS)
+    inner_steps: int = setting(0, min=0)
+    inner_batch: int = setting(0, min=0)
+    train_shots: int = setting(0, min=0)
+    eval_inner_steps: int = setting(0, min=0)
+    eval_inner_batch: int = setting(0, min=0)
+    eval_seed: int = setting(0, min=0)
 
 
 class Reptile(Learner):
@@ -117,7 +117,7 @@ class Reptile(Learner):
     transductive = True
     Config = ReptileConfig
     reference = "Nichol, Achiam & Schulman. On First-Order Meta-Learning Algorithms. arXiv:1803.02999, 2018."
-    paper_config = configs.path("reptile.toml")
+    paper_config = paper_config("reptile.toml")
     #: Values of the settings left at 0 (or "") per problem type. Classification: close to the
     #: paper's transductive Omniglot setting (Adam 1e-3, 15 shots per class, batches of 25, 3
     #: inner and 5 test steps) with a smaller meta-batch, for about the cost of MAML's quick run
@@ -135,24 +135,17 @@ class Reptile(Learner):
     budgets = {
         "smoke": {"meta_steps": 3, "meta_batch": 2, "inner_steps": 2, "train_shots": 3, "eval_inner_steps": 2},
         "quick": {},
-        # The paper's length and outer schedule; the inner loop per protocol comes from configs/reptile.toml.
+        # The paper's length and outer schedule; the inner loop per protocol comes from reptile.toml.
         "paper": {"meta_steps": 100000, "meta_batch": 5, "outer_lr": 1.0, "outer_lr_final": 0.0},
     }
 
     def __init__(self, config, backbone, protocol, device):
         super().__init__(config, backbone, protocol, device)
         c = self.config
-        check_counts("reptile", c, ("meta_steps", "meta_batch", "inner_steps", "inner_batch", "train_shots",
-                                    "eval_inner_steps", "eval_inner_batch", "eval_seed"))
-        for name in ("inner_lr", "outer_lr", "outer_lr_final"):
-            if not getattr(c, name) >= 0:
-                raise ValueError(f"reptile: {name} must be non-negative, got {getattr(c, name)!r}")
-        resolve_problem_defaults(c, self.problem_defaults[protocol.problem])
-        if c.inner_optimizer not in OPTIMIZERS:
-            raise ValueError(f"reptile: inner_optimizer must be one of {', '.join(OPTIMIZERS)}, "
-                             f"got {c.inner_optimizer!r}")
-        check_counts("reptile", c, (), positive=("meta_batch",))
-        if c.train_shots < 2:
+        resolve_problem_defaults(c, self.problem_defaults[protocol.problem])  # 0 and "": the problem type's
+        if c.meta_batch < 1:
+            raise ValueError(f"reptile: meta_batch must be at least 1, got {c.meta_batch!r}")
+        if c.train_shots < 2:  # a task is split into at least one support and one query example
             raise ValueError(f"reptile: train_shots must be at least 2, got {c.train_shots!r}")
         self.loss = task_loss(protocol.problem)
         head = nn.Linear(backbone.out_features, protocol.ways)

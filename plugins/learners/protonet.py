@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from metabench import Learner, hookimpl
+from metabench import Learner, hookimpl, setting
 from metabench.episodic import train_on_episodes
 from metabench.inference import InferenceNet
 
-from . import configs
+from . import paper_config
 
 
 def prototype_logits(support_emb: torch.Tensor, support_y: torch.Tensor, query_emb: torch.Tensor, ways: int) -> torch.Tensor:
@@ -51,13 +51,13 @@ class ProtoNetConfig:
     weight_decay:  Adam weight decay (paper: none)
     """
 
-    meta_steps: int = 700
-    lr: float = 1e-3
-    lr_step: int = 250
+    meta_steps: int = setting(700, min=0)
+    lr: float = setting(1e-3, min=0, min_exclusive=True)
+    lr_step: int = setting(250, min=0)
     lr_gamma: float = 0.5
-    train_ways: int = 20
-    train_shots: int = 0
-    train_queries: int = 5
+    train_ways: int = setting(20, min=0)
+    train_shots: int = setting(0, min=0)
+    train_queries: int = setting(5, min=0)
     weight_decay: float = 0.0
 
 
@@ -67,7 +67,7 @@ class ProtoNet(Learner):
     transductive = False
     Config = ProtoNetConfig
     reference = "Snell, Swersky & Zemel. Prototypical Networks for Few-shot Learning. NeurIPS 2017."
-    paper_config = configs.path("protonet.toml")
+    paper_config = paper_config("protonet.toml")
     # quick: under a minute of meta-training + 600 test episodes of kanji-5w1s on 2 CPU cores.
     budgets = {
         "smoke": {"meta_steps": 5, "train_ways": 5, "train_queries": 2, "lr_step": 0},
@@ -80,12 +80,6 @@ class ProtoNet(Learner):
 
     def __init__(self, config, backbone, protocol, device):
         super().__init__(config, backbone, protocol, device)
-        for name in ("meta_steps", "train_ways", "train_shots", "train_queries", "lr_step"):
-            value = getattr(config, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"protonet: {name} must be a non-negative integer, got {value!r}")
-        if not config.lr > 0:
-            raise ValueError(f"protonet: lr must be positive, got {config.lr!r}")
         self.net = backbone.module.to(device)
         self._inference = InferenceNet(self.net)  # predict()'s test-time copy, rebuilt when weights change
 

@@ -1,6 +1,6 @@
 """Second-order MAML with less memory: inner steps recomputed in the backward pass.
 
-A helper module, not a plugin. Plain second-order MAML (:func:`metabench_plugins.maml.adapt` with
+A helper module, not a plugin. Plain second-order MAML (:func:`metabench_plugins.learners.maml.adapt` with
 ``create_graph=True``) keeps, for every task of the meta-batch, the graph of every inner step
 (the support forward, its backward, the parameter update) and of the query forward until the
 meta-loss is differentiated. Two independent savings, both giving the same meta-gradient:

@@ -40,10 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metabench import Learner, hookimpl
+from metabench import Learner, hookimpl, setting
 from metabench.episodic import train_on_episodes
 
-from . import configs
+from . import paper_config
 
 _HEAD_LAYERS = (nn.Flatten, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
@@ -131,16 +131,16 @@ class RelationNetConfig:
     relation_hidden:   width of the relation module's first FC layer (paper: 8)
     """
 
-    meta_steps: int = 7000
-    lr: float = 1e-3
-    lr_step: int = 2500
+    meta_steps: int = setting(7000, min=0)
+    lr: float = setting(1e-3, min=0, min_exclusive=True)
+    lr_step: int = setting(2500, min=0)
     lr_gamma: float = 0.5
-    train_ways: int = 5
-    train_shots: int = 0
-    train_queries: int = 5
-    unpooled_blocks: int = 2
-    relation_channels: int = 64
-    relation_hidden: int = 8
+    train_ways: int = setting(5, min=0)
+    train_shots: int = setting(0, min=0)
+    train_queries: int = setting(5, min=0)
+    unpooled_blocks: int = setting(2, min=0)
+    relation_channels: int = setting(64, min=1)
+    relation_hidden: int = setting(8, min=1)
 
 
 class RelationNet(Learner):
@@ -148,7 +148,7 @@ class RelationNet(Learner):
 
     transductive = False
     Config = RelationNetConfig
-    paper_config = configs.path("relationnet.toml")
+    paper_config = paper_config("relationnet.toml")
     reference = ("Sung, Yang, Zhang, Xiang, Torr & Hospedales. Learning to Compare: Relation Network "
                  "for Few-Shot Learning. CVPR 2018.")
     # quick: about 3.5 minutes of meta-training + 600 test episodes of kanji-5w1s on 2 CPU cores.
@@ -164,16 +164,6 @@ class RelationNet(Learner):
 
     def __init__(self, config, backbone, protocol, device):
         super().__init__(config, backbone, protocol, device)
-        for name in ("meta_steps", "train_ways", "train_shots", "train_queries", "lr_step", "unpooled_blocks"):
-            value = getattr(config, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"relationnet: {name} must be a non-negative integer, got {value!r}")
-        for name in ("relation_channels", "relation_hidden"):
-            value = getattr(config, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"relationnet: {name} must be a positive integer, got {value!r}")
-        if not config.lr > 0:
-            raise ValueError(f"relationnet: lr must be positive, got {config.lr!r}")
         backbone.module.to(device)
         maps = feature_map_network(backbone.module, config.unpooled_blocks)
         shape = self._output_shape(maps, protocol) if maps is not None else None

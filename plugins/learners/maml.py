@@ -14,7 +14,7 @@ settings that differ between the two (``meta_steps``, ``meta_batch``, ``inner_lr
 ``eval_inner_steps``, ``train_queries``) default to 0, meaning "the default for the task's
 problem type" (:attr:`MAML.problem_defaults`); the learner resolves them when it is built, in
 the config object it is given, so a result records the values that were used. The ``quick``
-budget leaves them at 0; ``--budget paper`` takes them per protocol from ``configs/maml.toml``.
+budget leaves them at 0; ``--budget paper`` takes them per protocol from ``maml.toml``.
 
 BatchNorm, as in the published MAML code, always normalises with the statistics of the batch it
 is given (no running statistics). The queries of an episode are forwarded as one batch, so a
@@ -41,15 +41,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from metabench import Learner, hookimpl
+from metabench import Learner, hookimpl, setting
 from metabench.adaptation import LOSSES, adapt, maml_meta_loss, task_loss  # noqa: F401  (LOSSES: re-exported)
 from metabench.batchnorm import batch_statistics_only
-from metabench.config import check_counts, resolve_problem_defaults
+from metabench.config import resolve_problem_defaults
 from metabench.stacked_tasks import can_stack, stacked_meta_loss
 
-from . import configs
+from . import paper_config
 
-CONFIGS = Path(str(configs.path("")))  # installed with the package (metabench_plugins.configs)
+CONFIGS = Path(__file__).parent  # the paper configs (*.toml) are installed beside the learners
+
+
+TASK_BATCHING = ("auto", "loop", "vmap", "stacked")
 
 
 @dataclass
@@ -88,21 +91,18 @@ class MAMLConfig:
                       per inner step
     """
 
-    meta_steps: int = 0
-    meta_batch: int = 0
-    inner_lr: float = 0.0
-    inner_steps: int = 1
-    eval_inner_steps: int = 0
+    meta_steps: int = setting(0, min=0)
+    meta_batch: int = setting(0, min=0)
+    inner_lr: float = setting(0.0, min=0)
+    inner_steps: int = setting(1, min=0)
+    eval_inner_steps: int = setting(0, min=0)
     meta_lr: float = 1e-3
     first_order: bool = False
-    train_shots: int = 0
-    train_queries: int = 0
-    task_batching: str = "auto"
+    train_shots: int = setting(0, min=0)
+    train_queries: int = setting(0, min=0)
+    task_batching: str = setting("auto", choices=TASK_BATCHING)
     per_task_backward: bool = False
     inner_checkpoint: bool = False
-
-
-TASK_BATCHING = ("auto", "loop", "vmap", "stacked")
 
 
 class MAML(Learner):
@@ -128,7 +128,7 @@ class MAML(Learner):
     }
     # quick: every problem-dependent setting at its per-problem default (above).
     # paper: the paper's length; per-protocol settings (inner loop, meta-batch, queries, conv4
-    # width) come from configs/maml.toml; protocols without a table use Omniglot 5-way's meta-batch.
+    # width) come from maml.toml; protocols without a table use Omniglot 5-way's meta-batch.
     budgets = {
         "smoke": {"meta_steps": 3, "meta_batch": 2, "train_queries": 2, "eval_inner_steps": 1},
         "quick": {},
@@ -144,36 +144,28 @@ class MAML(Learner):
         self.resolve_config()
 
     def resolve_config(self) -> None:
-        """Fill the settings left at 0 from :attr:`problem_defaults` and check them all."""
+        """Fill the settings left at 0 from :attr:`problem_defaults` and check what the Config's
+        declarations (checked by :class:`metabench.Learner`) cannot: the resolved values."""
         c, p = self.config, self.protocol
-        name = type(self).__name__.lower()
-        check_counts(name, c, ("meta_steps", "meta_batch", "inner_steps", "eval_inner_steps",
-                               "train_shots", "train_queries"))
-        self.check_step_sizes(name)
+        name = self.name or type(self).__name__.lower()
         defaults = dict(self.problem_defaults[p.problem])
         if c.train_shots == 0:
             c.train_shots = p.shots
         if defaults.get("train_queries") == "shots":
             defaults["train_queries"] = c.train_shots
         resolve_problem_defaults(c, defaults)
-        check_counts(name, c, (), positive=("meta_batch", "train_shots", "train_queries"))
+        for field in ("meta_batch", "train_shots", "train_queries"):
+            if getattr(c, field) < 1:
+                raise ValueError(f"{name}: {field} must be at least 1 once 0 is resolved to the problem type's "
+                                 f"default, got {getattr(c, field)!r}")
         self.check_meta_gradient_options(name)
 
-    def check_step_sizes(self, name: str) -> None:
-        """Reject an inner-loop step size that is not a non-negative number."""
-        if not self.config.inner_lr >= 0:
-            raise ValueError(f"{name}: inner_lr must be non-negative, got {self.config.inner_lr!r}")
-
     def check_meta_gradient_options(self, name: str) -> None:
-        """Reject combinations of ``task_batching``, ``per_task_backward`` and ``inner_checkpoint`` that do not exist."""
+        """Resolve ``task_batching = "auto"`` and reject combinations of ``task_batching``,
+        ``per_task_backward`` and ``inner_checkpoint`` that do not exist for this learner and model."""
         c = self.config
         if not hasattr(c, "task_batching"):  # a subclass whose config has none of these options
             return
-        if c.task_batching not in TASK_BATCHING:
-            raise ValueError(f"{name}: task_batching must be one of {', '.join(TASK_BATCHING)}; got {c.task_batching!r}")
-        for option in ("per_task_backward", "inner_checkpoint"):
-            if not isinstance(getattr(c, option, False), bool):
-                raise ValueError(f"{name}: {option} must be true or false, got {getattr(c, option)!r}")
         per_task = getattr(c, "per_task_backward", False) or getattr(c, "inner_checkpoint", False)
         can = self.task_batchings
         if c.task_batching == "auto":

@@ -9,10 +9,10 @@ still meta-learned: the meta-gradient reaches it through the query features and,
 through the support features inside the head's inner gradients. At test time the body is
 frozen and the head is fine-tuned on the support set for ``eval_inner_steps`` steps.
 
-Everything else is MAML's (:mod:`metabench_plugins.maml`): the settings, their per-problem
+Everything else is MAML's (:mod:`metabench_plugins.learners.maml`): the settings, their per-problem
 defaults (cross-entropy for classification, mean squared error for regression), the budgets'
 shape, and BatchNorm with batch statistics, which makes ANIL transductive like MAML. Raghu et
-al. used Finn et al.'s hyper-parameters, so ``configs/anil.toml`` repeats MAML's.
+al. used Finn et al.'s hyper-parameters, so ``anil.toml`` repeats MAML's.
 
 Because the body's features do not change during the inner loop, they are computed once per
 task: an inner step costs a head forward and backward only, not the whole network's.

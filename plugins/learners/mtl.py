@@ -48,15 +48,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from metabench import ClassImageSource, EpisodeDraw, Learner, hookimpl
+from metabench import ClassImageSource, EpisodeDraw, Learner, hookimpl, setting
 from metabench.episodic import optimizer_step
 
 from metabench.adaptation import adapt
 from metabench.pooled import PooledBatches
 
-from . import configs
+from . import paper_config
 
-PAPER_CONFIG = configs.path("mtl.toml")
+PAPER_CONFIG = paper_config("mtl.toml")
 
 
 # --------------------------------------------------------------------------- scaling and shifting
@@ -190,37 +190,30 @@ class MTLConfig:
     hard_pool:             distinct failure classes remembered (most recent first); 0 = ``ways``
     """
 
-    pretrain_steps: int = 600
-    pretrain_batch: int = 128
-    pretrain_optimizer: str = "adam"
-    pretrain_lr: float = 2e-3
-    pretrain_momentum: float = 0.9
-    pretrain_weight_decay: float = 0.0
-    pretrain_lr_step: int = 400
-    pretrain_lr_gamma: float = 0.5
-    pretrain_min_lr: float = 1e-4
-    meta_steps: int = 150
-    meta_batch: int = 2
-    train_queries: int = 0
-    inner_steps: int = 20
-    eval_inner_steps: int = 50
-    inner_lr: float = 0.1
+    pretrain_steps: int = setting(600, min=0)
+    pretrain_batch: int = setting(128, min=1)
+    pretrain_optimizer: str = setting("adam", choices=("sgd", "adam"))
+    pretrain_lr: float = setting(2e-3, min=0, min_exclusive=True)
+    pretrain_momentum: float = setting(0.9, min=0)
+    pretrain_weight_decay: float = setting(0.0, min=0)
+    pretrain_lr_step: int = setting(400, min=0)
+    pretrain_lr_gamma: float = setting(0.5, min=0)
+    pretrain_min_lr: float = setting(1e-4, min=0)
+    meta_steps: int = setting(150, min=0)
+    meta_batch: int = setting(2, min=1)
+    train_queries: int = setting(0, min=0)
+    inner_steps: int = setting(20, min=0)
+    eval_inner_steps: int = setting(50, min=0)
+    inner_lr: float = setting(0.1, min=0, min_exclusive=True)
     first_order: bool = False
-    meta_lr_ss: float = 1e-3
-    meta_lr_head: float = 1e-3
-    meta_lr_step: int = 100
-    meta_lr_gamma: float = 0.5
-    meta_min_lr: float = 1e-4
+    meta_lr_ss: float = setting(1e-3, min=0, min_exclusive=True)
+    meta_lr_head: float = setting(1e-3, min=0, min_exclusive=True)
+    meta_lr_step: int = setting(100, min=0)
+    meta_lr_gamma: float = setting(0.5, min=0)
+    meta_min_lr: float = setting(1e-4, min=0)
     hard_tasks: bool = True
-    hard_task_count: int = 1
-    hard_pool: int = 0
-
-
-_COUNTS = ("pretrain_steps", "pretrain_batch", "pretrain_lr_step", "meta_steps", "meta_batch", "train_queries",
-           "inner_steps", "eval_inner_steps", "meta_lr_step", "hard_task_count", "hard_pool")
-_POSITIVE = ("pretrain_lr", "inner_lr", "meta_lr_ss", "meta_lr_head")
-_NON_NEGATIVE = ("pretrain_momentum", "pretrain_weight_decay", "pretrain_lr_gamma", "pretrain_min_lr",
-                 "meta_lr_gamma", "meta_min_lr")
+    hard_task_count: int = setting(1, min=0)
+    hard_pool: int = setting(0, min=0)
 
 
 class MTL(Learner):
@@ -233,7 +226,7 @@ class MTL(Learner):
     paper_config = PAPER_CONFIG
     # quick: pre-training (600 steps) + meta-training (150 steps) + 600 test episodes of kanji-5w1s
     # took 118 s of CPU time on one thread (96.6% accuracy), well within 4 minutes on 2 idle cores.
-    # paper: the authors' mini-ImageNet schedule (configs/mtl.toml has it per protocol).
+    # paper: the authors' mini-ImageNet schedule (mtl.toml has it per protocol).
     budgets = {
         "smoke": {"pretrain_steps": 3, "pretrain_batch": 16, "pretrain_lr_step": 0, "meta_steps": 3,
                   "meta_batch": 2, "train_queries": 2, "inner_steps": 2, "eval_inner_steps": 2, "meta_lr_step": 0},
@@ -250,7 +243,6 @@ class MTL(Learner):
 
     def __init__(self, config, backbone, protocol, device):
         super().__init__(config, backbone, protocol, device)
-        self.check_config(config)
         self.extractor = backbone.module.to(device)
         self.ss_layers = install_scaling_shifting(self.extractor)
         if not self.ss_layers:
@@ -261,22 +253,6 @@ class MTL(Learner):
         self.last_draws: list[tuple[EpisodeDraw, bool]] = []  # the latest meta-batch: (draw, is_hard)
         self._opt = self._sched = None
         self._meta_step = 0
-
-    def check_config(self, c) -> None:
-        for name in _COUNTS:
-            value = getattr(c, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{self.name}: {name} must be a non-negative integer, got {value!r}")
-        for name in _POSITIVE:
-            if not getattr(c, name) > 0:
-                raise ValueError(f"{self.name}: {name} must be positive, got {getattr(c, name)!r}")
-        for name in _NON_NEGATIVE:
-            if not getattr(c, name) >= 0:
-                raise ValueError(f"{self.name}: {name} must be non-negative, got {getattr(c, name)!r}")
-        if c.meta_batch < 1 or c.pretrain_batch < 1:
-            raise ValueError(f"{self.name}: meta_batch and pretrain_batch must be at least 1")
-        if c.pretrain_optimizer not in ("sgd", "adam"):
-            raise ValueError(f"{self.name}: pretrain_optimizer must be 'sgd' or 'adam', got {c.pretrain_optimizer!r}")
 
     # ---------------------------------------------------------------- model pieces
 

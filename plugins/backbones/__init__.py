@@ -1,0 +1,1 @@
+"""Built-in backbone plugins: feature extractors a learner builds its model on."""

@@ -1,0 +1,1 @@
+"""Built-in plugins that observe runs through the lifecycle hooks (``metabench_on_progress``, ...)."""
