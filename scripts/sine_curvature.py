@@ -44,7 +44,7 @@ def top_curvature(model, params: dict, x: torch.Tensor, y: torch.Tensor, seed: i
 def main(argv: list[str]) -> None:
     from metabench.episodes import eval_draws
     from metabench.plugins import get_host
-    from metabench_plugins.maml import MAML
+    from metabench_plugins.learners.maml import MAML
 
     torch.set_num_threads(1)
     weights = Path(argv[0]) if argv else DEFAULT
