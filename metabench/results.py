@@ -1,15 +1,11 @@
 """Result files: one JSON document per run, written atomically, validated when read.
 
-Schema (version 1), the keys other tools may rely on::
-
-    schema_version, metabench_version,
-    task {name, version, ways, shots, queries, episodes, episodes_sha256, metric, higher_is_better},
-    learner {name, plugin, version, config}, backbone {name, options}, seed, budget,
-    per_episode [float, one per test episode, in episode order],
-    summary {mean, std, n, ci95, ci_method}, timing {meta_train_s, eval_s},
-    per_step (optional; regression learners that adapt by steps) {"1": [...], "5": [...], "10": [...]}:
-        the metric of every episode after that many test-time steps (null where it was not finite),
-    environment {python, torch, device, git_commit}
+The schema (version :data:`SCHEMA_VERSION`) is :data:`_REQUIRED` below, the one definition of
+the keys other tools may rely on, plus the optional ``per_step`` (:func:`per_step_problems`);
+:func:`schema_problems` checks a document against both, and the runner's document must pass it
+before it is written. Producers may add keys (the runner records more: ``created_utc``,
+``learner.transductive``, ``learner.resumable``, ``backbone.parameters``, ...); readers must not
+require them.
 """
 from __future__ import annotations
 
