@@ -5,17 +5,17 @@ glibc serves allocations above its mmap threshold (dynamic, at most 32 MiB on 64
 episode's activations (conv4-64 on 100 images of 28 px: about 20 MB per layer) are allocated and
 freed on every call, so each episode pays for new pages and their zeroing again. Raising both
 thresholds, as ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...:glibc.malloc.trim_threshold=...``
-would, made ProtoNet evaluation about 2x faster and far less erratic on a 2-core CPU when it was
-introduced (``benchmarks/bench_eval.py --default-malloc`` measures evaluation without it).
+would, made ProtoNet evaluation faster and far less erratic on a 2-core CPU
+(``benchmarks/bench_eval.py --default-malloc`` measures evaluation without it).
 
 Blocks above the largest threshold glibc accepts (32 MiB) still came from fresh mappings whenever
 the heap had no free block that large: second-order MAML at 84 px (conv4-32, 75 query images:
 68 MB per first-layer activation) took about 250,000-290,000 page faults per meta-training step
 with the raised thresholds alone. So mmap is also switched off (``M_MMAP_MAX`` = 0): every block
-comes from the heap and returns to it. Under glibc's defaults the same step took 1.9x the time of
-this setting (benchmarks/RESULTS.md, section 3, allocator table). Numerics are unaffected; the
-process's resident memory stays nearer its peak, and the peak is higher (by 8-18% in that
-table), as large free blocks in the heap are not always reused whole.
+comes from the heap and returns to it (time, page faults and peak memory under this setting and
+glibc's defaults: benchmarks/RESULTS.md, section 3, allocator table). Numerics are unaffected; the
+process's resident memory stays nearer its peak, and the peak is higher, as large free blocks in
+the heap are not always reused whole.
 """
 from __future__ import annotations
 

@@ -286,9 +286,9 @@ class ClassImageSource(DataSource):
 
     def _materialize_group(self, draws: Sequence[EpisodeDraw], images: torch.Tensor) -> list[Episode]:
         """One gather of the draws' support and query rows, then float32 and an in-place / 255 (the
-        same values as torch.div(uint8, 255.0), whose type-promoting kernel is about 1.3x slower at
-        84 px); each episode's support and query are contiguous views of the result. The index
-        tensor is built from an int64 buffer (5x faster than torch.tensor on a list of ints)."""
+        same values as torch.div(uint8, 255.0), whose type-promoting kernel is slower; see
+        benchmarks/RESULTS.md, section 1); each episode's support and query are contiguous views of
+        the result. The index tensor is built from an int64 buffer rather than a list of ints."""
         if len(draws) == 1:  # the one-episode hot path: no list building
             rows = draws[0].support + draws[0].query
         else:

@@ -116,10 +116,10 @@ class MAML(Learner):
     reference = "Finn, Abbeel & Levine. Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks. ICML 2017."
     paper_config = CONFIGS / "maml.toml"
     #: Values of the settings left at 0, per problem type; ``train_queries: "shots"`` means as many
-    #: as the training shots. Classification: about a minute of meta-training on kanji-5w1s on 2
-    #: CPU cores (the Omniglot 5-way inner loop of the paper, fewer and smaller meta-batches);
-    #: regression: Finn et al.'s sinusoid inner loop (step 0.01, 10 steps at test, K query points)
-    #: with the paper's meta-batch of 25; about two minutes on sinusoid-5s on a busy 2-core CPU.
+    #: as the training shots. Classification: the Omniglot 5-way inner loop of the paper with fewer
+    #: and smaller meta-batches, sized for the quick budget; regression: Finn et al.'s sinusoid inner
+    #: loop (step 0.01, 10 steps at test, K query points) with the paper's meta-batch of 25. Run
+    #: times: benchmarks/RESULTS.md (end to end) and the leaderboards' meta-train column.
     problem_defaults: dict[str, dict[str, Any]] = {
         "classification": {"meta_steps": 350, "meta_batch": 8, "inner_lr": 0.4, "eval_inner_steps": 3,
                            "train_queries": 5},

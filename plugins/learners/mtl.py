@@ -224,8 +224,8 @@ class MTL(Learner):
     Config = MTLConfig
     reference = "Sun, Liu, Chua & Schiele. Meta-Transfer Learning for Few-Shot Learning. CVPR 2019."
     paper_config = PAPER_CONFIG
-    # quick: pre-training (600 steps) + meta-training (150 steps) + 600 test episodes of kanji-5w1s
-    # took 118 s of CPU time on one thread (96.6% accuracy), well within 4 minutes on 2 idle cores.
+    # quick: pre-training (600 steps) + meta-training (150 steps) + 600 test episodes of kanji-5w1s,
+    # sized for the quick budget (run times: benchmarks/RESULTS.md, section 5).
     # paper: the authors' mini-ImageNet schedule (mtl.toml has it per protocol).
     budgets = {
         "smoke": {"pretrain_steps": 3, "pretrain_batch": 16, "pretrain_lr_step": 0, "meta_steps": 3,

@@ -123,7 +123,7 @@ class Reptile(Learner):
     #: inner and 5 test steps) with a smaller meta-batch, for about the cost of MAML's quick run
     #: on kanji-5w1s. Regression (no setting in the paper fits the sinusoid protocols): Adam 0.01
     #: on the whole task, 10 steps in training and at test, tasks of 10 points; plain SGD at 0.02
-    #: diverged on some 5-point test episodes. About two minutes on sinusoid-5s on a busy 2-core CPU.
+    #: diverged on some 5-point test episodes.
     problem_defaults: dict[str, dict[str, Any]] = {
         "classification": {"meta_steps": 200, "meta_batch": 5, "inner_lr": 1e-3, "inner_optimizer": "adam",
                            "inner_steps": 3, "inner_batch": 25, "train_shots": 15, "eval_inner_steps": 5,
