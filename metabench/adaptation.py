@@ -48,12 +48,18 @@ def adapt(model: nn.Module, params: dict, x, y, inner_lr, steps: int, first_orde
     for _ in range(steps):
         value = loss(functional_call(model, params, (x,)), y)
         grads = torch.autograd.grad(value, [params[n] for n in names], create_graph=not first_order)
-        step = dict(params)
-        for n, g in zip(names, grads):
-            lr = inner_lr[n] if isinstance(inner_lr, Mapping) else inner_lr
-            step[n] = params[n] - lr * g
-        params = step
+        params = gradient_step(params, names, grads, inner_lr)
     return params
+
+
+def gradient_step(params: dict, names: list[str], grads, inner_lr) -> dict:
+    """``params`` with ``p - lr * g`` for each name in ``names`` (``grads`` in the same order);
+    ``inner_lr`` is one number or a mapping name -> per-element step sizes. Returns a new dict."""
+    step = dict(params)
+    for n, g in zip(names, grads):
+        lr = inner_lr[n] if isinstance(inner_lr, Mapping) else inner_lr
+        step[n] = params[n] - lr * g
+    return step
 
 
 def maml_meta_loss(model: nn.Module, params: dict, tasks, inner_lr, inner_steps: int,

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adaptation import gradient_step
+
 #: Parameter-free modules applied element-wise: they act on [T, N, D] exactly as on [N, D].
 ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.ELU, nn.SiLU, nn.Softplus, nn.Identity)
 
@@ -126,11 +128,7 @@ def stacked_adapt(model: nn.Module, params: dict, x: torch.Tensor, y: torch.Tens
     for _ in range(steps):
         value = per_task(stacked_forward(model, params, x), y).sum()
         grads = torch.autograd.grad(value, [params[n] for n in names], create_graph=not first_order)
-        step = dict(params)
-        for n, g in zip(names, grads):
-            lr = inner_lr[n] if isinstance(inner_lr, Mapping) else inner_lr
-            step[n] = params[n] - lr * g
-        params = step
+        params = gradient_step(params, names, grads, inner_lr)  # lr broadcasts against [T, *shape]
     return params
 
 
