@@ -116,29 +116,24 @@ def score(protocol: Protocol, output: torch.Tensor, query_y: torch.Tensor, who: 
     return torch.mean((output.double() - query_y.double()) ** 2).item()
 
 
-def metric_after_steps(learner: Learner, protocol: Protocol, source, draws, device, who: str) -> dict | None:
-    """The metric of every episode after each of :data:`~metabench.results.PER_STEP_COUNTS` test-time steps, for a
-    learner that adapts by steps (``{"1": [...], "5": [...], "10": [...]}``, a non-finite value as
-    None), or None when the learner has no step count to vary."""
-    curves: dict[int, list[float | None]] = {k: [] for k in PER_STEP_COUNTS}
-    for i, draw in enumerate(draws):
-        episode = source.materialize(draw, protocol.eval_split).to(device)
-        try:
-            with torch.no_grad():
-                outputs = learner.predict_after_steps(episode.support_x, episode.support_y, episode.query_x,
-                                                      PER_STEP_COUNTS)
-        except Exception as exc:
-            raise PluginFailed(f"{who} failed in predict_after_steps (episode {i}): {type(exc).__name__}: {exc}") from exc
-        if outputs is None:
-            return None
-        if not isinstance(outputs, dict) or set(outputs) != set(PER_STEP_COUNTS):
-            got = sorted(outputs) if isinstance(outputs, dict) else type(outputs).__name__
-            raise PluginError(f"{who}: predict_after_steps returned {got}; expected a dict with keys "
-                              f"{list(PER_STEP_COUNTS)}")
-        for k in PER_STEP_COUNTS:
-            value = score(protocol, outputs[k], episode.query_y, who)
-            curves[k].append(value if math.isfinite(value) else None)
-    return {str(k): values for k, values in curves.items()}
+def metric_after_steps(learner: Learner, protocol: Protocol, episode, who: str, index: int) -> dict | None:
+    """The metric of one episode after each of :data:`~metabench.results.PER_STEP_COUNTS` test-time
+    steps (``{k: value}``, a non-finite value as None), for a learner that adapts by steps; None
+    when the learner has no step count to vary."""
+    try:
+        with torch.no_grad():
+            outputs = learner.predict_after_steps(episode.support_x, episode.support_y, episode.query_x,
+                                                  PER_STEP_COUNTS)
+    except Exception as exc:
+        raise PluginFailed(f"{who} failed in predict_after_steps (episode {index}): {type(exc).__name__}: {exc}") from exc
+    if outputs is None:
+        return None
+    if not isinstance(outputs, dict) or set(outputs) != set(PER_STEP_COUNTS):
+        got = sorted(outputs) if isinstance(outputs, dict) else type(outputs).__name__
+        raise PluginError(f"{who}: predict_after_steps returned {got}; expected a dict with keys "
+                          f"{list(PER_STEP_COUNTS)}")
+    values = {k: score(protocol, outputs[k], episode.query_y, who) for k in PER_STEP_COUNTS}
+    return {k: v if math.isfinite(v) else None for k, v in values.items()}
 
 
 def prepare_split(source, split: str, plugin: str, progress: Progress) -> None:
@@ -291,6 +286,8 @@ def execute(plan: RunPlan | RunRequest, host: PluginHost, progress: Progress | N
     meta_train_s = time.perf_counter() - started
 
     per_episode: list[float] = []
+    # regression: the metric after each of PER_STEP_COUNTS steps too, until the learner says it has none
+    curves: dict[int, list] | None = {k: [] for k in PER_STEP_COUNTS} if protocol.problem == "regression" else None
     progress.start("evaluate", len(draws))
     started = time.perf_counter()
     for i, draw in enumerate(draws):
@@ -302,8 +299,15 @@ def execute(plan: RunPlan | RunRequest, host: PluginHost, progress: Progress | N
             raise PluginFailed(f"{who} failed in predict (episode {i}): {type(exc).__name__}: {exc}") from exc
         value = score(protocol, output, episode.query_y, who)
         per_episode.append(value)
+        if curves is not None:
+            after = metric_after_steps(learner, protocol, episode, who, i)
+            if after is None:
+                curves = None
+            else:
+                for k, v in after.items():
+                    curves[k].append(v)
         progress.update("evaluate", i + 1, mean=sum(per_episode) / len(per_episode))
-    per_step = metric_after_steps(learner, protocol, source, draws, device, who) if protocol.problem == "regression" else None
+    per_step = {str(k): values for k, values in curves.items()} if curves is not None else None
     eval_s = time.perf_counter() - started
 
     cls = entry.obj
