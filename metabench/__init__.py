@@ -2,11 +2,12 @@
 
 What a plugin needs is importable from here::
 
-    from metabench import hookimpl, Learner, Backbone, Protocol, ClassImageSource, setting
+    from metabench import hookimpl, Learner, Backbone, Protocol, ClassImageSource, setting, AttributeState
 """
 from importlib.metadata import PackageNotFoundError, version as _version
 
 from .backbone import Backbone
+from .checkpoint import AttributeState
 from .errors import MetabenchError, PluginError
 from .hookspecs import hookimpl
 from .learner import BUDGETS, Learner, TrainContext
@@ -20,7 +21,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0+unknown"
 
 __all__ = [
-    "BUDGETS", "Backbone", "ClassImageSource", "DataSource", "Episode", "EpisodeDraw", "Learner",
+    "AttributeState", "BUDGETS", "Backbone", "ClassImageSource", "DataSource", "Episode", "EpisodeDraw", "Learner",
     "MetabenchError", "PluginError", "Protocol", "RunInfo", "TrainContext", "check_settings", "hookimpl", "setting",
     "__version__",
 ]

@@ -1,4 +1,4 @@
-"""The ``metabench`` command line: run, list, plugins, episodes, compare, plot.
+"""The ``metabench`` command line: run, eval, list, plugins, episodes, compare, plot, leaderboard.
 
 Bad input prints one line ``metabench: error: ...`` and exits with status 2 (argparse's
 convention); a learner that crashes exits with status 1 and names its plugin.
@@ -21,7 +21,7 @@ from .errors import MetabenchError, PluginError
 from .learner import BUDGETS
 
 DEFAULTS = {"task": "kanji-5w1s", "backbone": None, "seed": 0, "budget": "quick", "episodes": None,
-            "device": "cpu", "out": "metabench-results"}
+            "device": "cpu", "out": "metabench-results", "checkpoint_every": "5m"}
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -74,8 +74,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", metavar="FILE.toml", help="TOML file with [run], [learner], [backbone] tables")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a learner setting, or backbone.KEY=VALUE (repeatable)")
-    run.add_argument("--out", help="folder for the result JSON (default ./metabench-results/)")
+    run.add_argument("--out", help="folder for the result JSON, the saved learner and the run's checkpoints "
+                                   "(default ./metabench-results/)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue this run from its last checkpoint in --out (training or evaluation)")
+    run.add_argument("--checkpoint-every", metavar="N|30s|10m|off",
+                     help="checkpoint every N steps, or every so much time (default 5m, never more often than "
+                          "50 times a checkpoint's cost); phase ends and Ctrl-C always write one")
+    run.add_argument("--no-save", action="store_true", help="do not keep the trained learner (<run>.learner.pt)")
+    run.add_argument("--validate-every", type=int, metavar="N",
+                     help="score validation episodes every N training steps and test the best state "
+                          "(0: off; default: as the learner's paper config at budget paper, else off)")
+    run.add_argument("--validation-episodes", type=int, metavar="N", help="validation episodes (default 100)")
     add_data_root(run)
+
+    ev = sub.add_parser("eval", help="evaluate a saved learner (<run>.learner.pt) on any task it can take")
+    ev.add_argument("learner_file", metavar="LEARNER_FILE")
+    ev.add_argument("--task", help="registered task (default: the one it was trained on)")
+    ev.add_argument("--episodes", type=int, help="evaluate on the first N fixed episodes (default: the protocol's)")
+    ev.add_argument("--device", help="cpu (default), cuda or cuda:N")
+    ev.add_argument("--out", help="folder for the result JSON (default ./metabench-results/)")
+    add_data_root(ev)
 
     lst = sub.add_parser("list", help="list registered learners, tasks or backbones")
     lst.add_argument("kind", nargs="?", choices=("learners", "tasks", "backbones"), help="what to list (default: all)")
@@ -121,8 +140,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             err.print("(set METABENCH_DEBUG=1 for the traceback)", markup=False)
         return exc.exit_status
-    except KeyboardInterrupt:
-        err.print("metabench: interrupted; nothing was written", markup=False)
+    except KeyboardInterrupt as exc:
+        from .resume import RunInterrupted
+
+        if isinstance(exc, RunInterrupted):
+            err.print(f"metabench: {exc}", markup=False, soft_wrap=True)
+        else:
+            err.print("metabench: interrupted; no result was written (checkpoints already written are kept: "
+                      "--resume continues from the last)", markup=False, soft_wrap=True)
         return 130
 
 
@@ -154,7 +179,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .lifecycle import RunInfo
     from .malloc import tune_glibc_malloc
     from .results import write_result
-    from .runner import RunRequest, execute, prepare
+    from .resume import CheckpointInterval
+    from .runner import RunControl, RunRequest, execute, finish, prepare
 
     tune_glibc_malloc()  # freed blocks stay in the heap, no page faults for them again (metabench/malloc.py)
 
@@ -172,22 +198,55 @@ def cmd_run(args: argparse.Namespace) -> int:
     out_dir = Path(opts["out"])
     if out_dir.exists() and not out_dir.is_dir():
         raise MetabenchError(f"--out {out_dir}: exists and is not a folder")
+    validation = dict(toml["validation"]) if "validation" in toml else None
+    for key, value in (("every", args.validate_every), ("episodes", args.validation_episodes)):
+        if value is not None:
+            validation = {**(validation or {}), key: value}
     request = RunRequest(data_roots=data_roots(args, toml), learner=args.learner, task=opts["task"], backbone=opts["backbone"], seed=int(opts["seed"]),
                          budget=opts["budget"], episodes=opts["episodes"], device=opts["device"],
-                         learner_layers=layers, backbone_options=backbone_options)
+                         learner_layers=layers, backbone_options=backbone_options, validation=validation)
+    control = RunControl(out_dir, resume=args.resume, checkpoint_every=CheckpointInterval.parse(opts["checkpoint_every"]),
+                         save_learner=not args.no_save)
     host = _host()
     plan = prepare(request, host)  # refuse bad input before any progress bar is drawn
-    run = RunInfo.start(request.learner, plan.protocol.name, plan.backbone, request.seed, request.budget, out_dir)
+    control.open(plan)  # a resume finds its checkpoint (or is refused) before any progress bar too
+    run = RunInfo.start(request.learner, plan.protocol.name, plan.backbone, request.seed, request.budget, out_dir,
+                        run_id=control.run_id, elapsed=control.elapsed)
     columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
     with Progress(*columns, console=err, transient=False) as bars:
-        doc = execute(plan, host, RichProgress(bars), run)
+        doc = execute(plan, host, RichProgress(bars), run, control)
     path = write_result(doc, out_dir)
+    finish(plan, control)
     try:
         host.on_result(run, doc, path)
     except PluginError as exc:
         raise PluginError(f"{exc} (the result itself was written: {path})") from exc
     out.print(result_table(doc))
+    out.print(f"result: {path}", markup=False, soft_wrap=True)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .cross_task import evaluate_saved
+    from .results import write_result
+
+    out_dir = Path(args.out or DEFAULTS["out"])
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MetabenchError(f"--out {out_dir}: exists and is not a folder")
+    host = _host()
+    columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+    with Progress(*columns, console=err, transient=False) as bars:
+        doc = evaluate_saved(args.learner_file, host, args.task, args.episodes, args.device or "cpu",
+                             data_roots(args), RichProgress(bars))
+    path = write_result(doc, out_dir)
+    out.print(result_table(doc))
+    trained = doc["trained_on"]["task"]
+    if trained != doc["task"]["name"]:
+        out.print(f"trained on {trained}, tested on {doc['task']['name']}"
+                  + (f" (images resized from {doc['resized']['from']} to {doc['resized']['to']} px)"
+                     if "resized" in doc else ""), markup=False)
     out.print(f"result: {path}", markup=False, soft_wrap=True)
     return 0
 
@@ -350,7 +409,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"leaderboard": cmd_leaderboard, "publish": cmd_publish, "data": cmd_data, "run": cmd_run, "list": cmd_list, "plugins": cmd_plugins, "episodes": cmd_episodes, "compare": cmd_compare, "plot": cmd_plot}
+COMMANDS = {"eval": cmd_eval, "leaderboard": cmd_leaderboard, "publish": cmd_publish, "data": cmd_data, "run": cmd_run, "list": cmd_list, "plugins": cmd_plugins, "episodes": cmd_episodes, "compare": cmd_compare, "plot": cmd_plot}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -24,8 +24,8 @@ from typing import Any
 
 from .errors import MetabenchError
 
-RUN_KEYS = ("task", "backbone", "seed", "budget", "episodes", "device", "out", "data_root")
-_TOP_KEYS = ("run", "learner", "backbone", "data")
+RUN_KEYS = ("task", "backbone", "seed", "budget", "episodes", "device", "out", "data_root", "checkpoint_every")
+_TOP_KEYS = ("run", "learner", "backbone", "data", "validation")
 
 
 def read_toml(path: str | Path) -> dict[str, dict[str, Any]]:

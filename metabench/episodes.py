@@ -119,6 +119,24 @@ class TrainSampler:
         draws = self.source.draw_many(self._rng, self.split, n, *self._shape(ways, shots, queries))
         return [e.to(self.device) for e in self.source.materialize_many(draws, self.split)]
 
+    def state_dict(self) -> dict:
+        """The stream position that drawing one episode per call would have reached (episodes read
+        ahead but not yet handed out are not kept: they are drawn again after :meth:`load_state_dict`)."""
+        if self._ahead:
+            rng = SplitMix64(0)
+            rng.setstate(self._ahead_from)
+            self.source.draw_many(rng, self.split, self._ahead_taken, *self._ahead_shape)
+            position = rng.getstate()
+        else:
+            position = self._rng.getstate()
+        return {"position": position, "read_ahead": self.read_ahead}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the stream from a position :meth:`state_dict` gave."""
+        self._ahead.clear()
+        self._rng.setstate(int(state["position"]))
+        self.read_ahead = bool(state["read_ahead"])
+
     def __iter__(self) -> Iterator[Episode]:
         while True:
             yield self.sample()

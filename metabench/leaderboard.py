@@ -13,6 +13,14 @@ the averaged values. The best row is the best mean among rows on the section's r
 set (the one with the most episodes; ties: the set used by more rows). Every other row on that set
 is compared with it by a paired t-test, Holm-corrected across those rows, and marked ``tied`` when
 not significant at ``ALPHA``; rows on another episode set cannot be paired, get no rank, and say so.
+
+Cross-task results (``trained_on.task`` names another task than ``task.name``: a learner
+meta-trained on one task and tested on this one, e.g. miniimagenet-5w1s -> cub-5w1s as in Chen et
+al. 2019) get sections of their own, one per (budget, task version, training task), after the
+same-task sections and ranked among themselves only; each of their rows names its training task.
+Results without ``trained_on`` (older files) are same-task. A task's CSV and JSON carry a
+``trained_on`` field (empty for same-task rows) only when its board has cross-task results, so the
+files of boards without them stay as they were.
 """
 from __future__ import annotations
 
@@ -93,7 +101,28 @@ def load_results(dirs: list[Path], out_dir: Path | None = None) -> list[Result]:
     for r in results:
         if not r.doc["per_episode"]:
             raise MetabenchError(f"{r.path}: a result without test episodes cannot be ranked")
+        problem = trained_on_problem(r.doc)
+        if problem:
+            raise MetabenchError(f"{r.path}: {problem}")
     return results
+
+
+def trained_on_problem(doc: dict) -> str | None:
+    """What is wrong with the optional ``trained_on`` entry ({"task": name, ...}); None when fine or absent."""
+    trained = doc.get("trained_on")
+    if trained is None:
+        return None
+    if not isinstance(trained, dict) or not isinstance(trained.get("task"), str) or not trained["task"]:
+        return "trained_on must be an object naming the training task in trained_on.task"
+    return None
+
+
+def training_task(doc: dict) -> str | None:
+    """The task a cross-task result's learner was meta-trained on; None for a same-task result
+    (``trained_on.task`` equal to ``task.name``, or no ``trained_on``: files from before it existed)."""
+    trained = doc.get("trained_on")
+    name = trained.get("task") if isinstance(trained, dict) else None
+    return name if name and name != doc["task"]["name"] else None
 
 
 def load_published(path: Path | None) -> list[Published]:
@@ -153,6 +182,7 @@ class Row:
     mean_diff: float | None = None
     note: str = ""
     show_settings: bool = False  # several settings of one learner/backbone in the section
+    trained_on: str | None = None  # the training task of a cross-task row; None: same-task
 
     def __post_init__(self) -> None:
         lengths = {len(r.doc["per_episode"]) for r in self.results}
@@ -214,9 +244,13 @@ class Row:
 
 @dataclass
 class Section:
+    """The rows of one budget and task version, ranked together; ``trained_on``: the training task
+    of a cross-task section (None: the learners were meta-trained on the board's task)."""
+
     budget: str
     task_version: int
     rows: list[Row]
+    trained_on: str | None = None
 
 
 @dataclass
@@ -226,9 +260,21 @@ class Board:
     higher_is_better: bool
     sections: list[Section]
 
+    @property
+    def cross_task(self) -> bool:
+        """Whether any section holds cross-task results (then the CSV and JSON name every row's training task)."""
+        return any(s.trained_on is not None for s in self.sections)
+
 
 def _budget_key(budget: str) -> tuple:
     return (_BUDGET_ORDER.index(budget), "") if budget in _BUDGET_ORDER else (len(_BUDGET_ORDER), budget)
+
+
+def _section_key(key: tuple) -> tuple:
+    """Order of (budget, task version, training task) sections: same-task first, by budget then newest
+    version; then cross-task, by training task name, budget, newest version."""
+    budget, version, trained_on = key
+    return (trained_on is not None, trained_on or "", _budget_key(budget), -version)
 
 
 def holm(pvalues: list[float]) -> list[float]:
@@ -299,27 +345,35 @@ def make_boards(results: list[Result]) -> list[Board]:
         groups: dict[tuple, dict[tuple, list[Result]]] = {}
         for r in items:
             d = r.doc
-            section = groups.setdefault((d["budget"], d["task"]["version"]), {})
+            section = groups.setdefault((d["budget"], d["task"]["version"], training_task(d)), {})
             section.setdefault((d["learner"]["name"], d["backbone"]["name"], settings_sha(d),
                                 d["task"]["episodes_sha256"]), []).append(r)
         sections = []
-        for (budget, version) in sorted(groups, key=lambda k: (_budget_key(k[0]), -k[1])):
-            rows = []
-            for (learner, backbone, settings, sha), members in sorted(groups[(budget, version)].items()):
-                members.sort(key=lambda r: (r.seed, r.path.as_posix()))
-                for a, b in zip(members, members[1:]):
-                    if a.seed == b.seed:
-                        raise MetabenchError(f"two results of {task} {learner}/{backbone} budget {budget} for seed "
-                                             f"{a.seed} on the same episodes: {a.path} and {b.path}; keep one")
-                rows.append(Row(learner, backbone, settings, sha, members))
-            variants: dict[tuple, set] = {}
-            for r in rows:
-                variants.setdefault((r.learner, r.backbone), set()).add(r.settings)
-            for r in rows:
-                r.show_settings = len(variants[(r.learner, r.backbone)]) > 1
-            sections.append(Section(budget, version, rank_section(rows, first.doc["task"]["higher_is_better"])))
+        for key in sorted(groups, key=_section_key):
+            rows = make_rows(task, key, groups[key])
+            sections.append(Section(key[0], key[1], rank_section(rows, first.doc["task"]["higher_is_better"]), key[2]))
         boards.append(Board(task, first.doc["task"]["metric"], first.doc["task"]["higher_is_better"], sections))
     return boards
+
+
+def make_rows(task: str, key: tuple, groups: dict[tuple, list[Result]]) -> list[Row]:
+    """The rows of the section ``key`` = (budget, task version, training task), one per group of results."""
+    budget, _, trained_on = key
+    rows = []
+    for (learner, backbone, settings, sha), members in sorted(groups.items()):
+        members.sort(key=lambda r: (r.seed, r.path.as_posix()))
+        for a, b in zip(members, members[1:]):
+            if a.seed == b.seed:
+                origin = f" trained on {trained_on}" if trained_on else ""
+                raise MetabenchError(f"two results of {task} {learner}/{backbone} budget {budget}{origin} for seed "
+                                     f"{a.seed} on the same episodes: {a.path} and {b.path}; keep one")
+        rows.append(Row(learner, backbone, settings, sha, members, trained_on=trained_on))
+    variants: dict[tuple, set] = {}
+    for r in rows:
+        variants.setdefault((r.learner, r.backbone), set()).add(r.settings)
+    for r in rows:
+        r.show_settings = len(variants[(r.learner, r.backbone)]) > 1
+    return rows
 
 
 # -- formatting -------------------------------------------------------------------------------
@@ -360,7 +414,16 @@ def _cell(text: str) -> str:
 
 
 def _label(r: Row) -> str:
-    return r.learner + (f" [{r.settings}]" if r.show_settings else "")
+    """The learner's name, with its settings where they tell rows apart, and the training task of a cross-task row."""
+    return (r.learner + (f" [{r.settings}]" if r.show_settings else "")
+            + (f" (trained on {r.trained_on})" if r.trained_on else ""))
+
+
+def _heading(s: Section) -> str:
+    """A section's markdown heading: cross-task sections say so, and name the training task."""
+    if s.trained_on is None:
+        return f"## Budget `{s.budget}` · task version {s.task_version}"
+    return f"## Cross-task: trained on {s.trained_on} (budget `{s.budget}`) · task version {s.task_version}"
 
 
 def _seeds(r: Row, metric: str) -> str:
@@ -389,13 +452,21 @@ def row_record(r: Row, out_dir: Path) -> dict:
     }
 
 
+def section_record(s: Section, out_dir: Path, cross_task: bool) -> dict:
+    """A section as plain data; with ``cross_task`` (the board has cross-task sections) the section and
+    each row carry ``trained_on`` (None for same-task)."""
+    if not cross_task:
+        return {"budget": s.budget, "task_version": s.task_version, "rows": [row_record(r, out_dir) for r in s.rows]}
+    return {"budget": s.budget, "task_version": s.task_version, "trained_on": s.trained_on,
+            "rows": [{**row_record(r, out_dir), "trained_on": r.trained_on} for r in s.rows]}
+
+
 # -- renderers --------------------------------------------------------------------------------
 def render_json(board: Board, out_dir: Path, published: list[Published]) -> bytes:
     doc = {
         "task": board.task, "metric": board.metric, "higher_is_better": board.higher_is_better,
         "alpha": ALPHA, "comparison": "paired t-test against the best row on identical episodes, Holm-corrected",
-        "sections": [{"budget": s.budget, "task_version": s.task_version,
-                      "rows": [row_record(r, out_dir) for r in s.rows]} for s in board.sections],
+        "sections": [section_record(s, out_dir, board.cross_task) for s in board.sections],
         "published": [{"learner": p.learner, "backbone": p.backbone, "value": p.value, "ci95": p.ci95,
                        "source": p.source, "note": p.note} for p in published if p.task == board.task],
     }
@@ -407,17 +478,23 @@ CSV_COLUMNS = ("budget", "task_version", "rank", "learner", "backbone", "setting
                "metabench_versions", "vs_best", "p_value", "p_holm", "results")
 
 
+def csv_columns(board: Board) -> tuple[str, ...]:
+    """:data:`CSV_COLUMNS`, with ``trained_on`` after ``task_version`` when the board has cross-task sections."""
+    return CSV_COLUMNS[:2] + ("trained_on",) + CSV_COLUMNS[2:] if board.cross_task else CSV_COLUMNS
+
+
 def render_csv(board: Board, out_dir: Path) -> bytes:
+    columns = csv_columns(board)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    writer.writerow(columns)
     for s in board.sections:
         for r in s.rows:
             rec = row_record(r, out_dir)
-            rec.update(budget=s.budget, task_version=s.task_version, vs_best=r.status, p_value=rec["vs_best"]["p_value"],
-                       p_holm=rec["vs_best"]["p_holm"])
+            rec.update(budget=s.budget, task_version=s.task_version, trained_on=r.trained_on, vs_best=r.status,
+                       p_value=rec["vs_best"]["p_value"], p_holm=rec["vs_best"]["p_holm"])
             writer.writerow(["" if rec[c] is None else " ".join(map(str, rec[c])) if isinstance(rec[c], list)
-                             else rec[c] for c in CSV_COLUMNS])
+                             else rec[c] for c in columns])
     return buf.getvalue().encode()
 
 
@@ -458,8 +535,11 @@ def render_markdown(board: Board, out_dir: Path, published: list[Published]) -> 
                   "'-' where the result does not record it, '(n diverged)' where n episodes gave no finite value.",
                   ""]
     for s in board.sections:
-        lines += [f"## Budget `{s.budget}` · task version {s.task_version}", "",
-                  "| " + " | ".join(header) + " |",
+        lines += [_heading(s), ""]
+        if s.trained_on is not None:
+            lines += [f"Learners meta-trained on {s.trained_on} and tested on {board.task}'s episodes (cross-task): "
+                      "ranked among themselves only, never against the same-task rows.", ""]
+        lines += ["| " + " | ".join(header) + " |",
                   "|" + "|".join("---:" if h in ("rank", "episodes", "meta-train", "eval") else "---" for h in header) + "|"]
         for r in s.rows:
             links = ", ".join(f"[seed {x.seed}]({_link(x.path, out_dir)})" for x in r.results)
@@ -514,7 +594,13 @@ def render_plot(board: Board, fmt: str) -> bytes:
 
 
 def render_summary(boards: list[Board], published: list[Published]) -> bytes:
-    """README.md: per budget, a learners x tasks matrix of means, blank where there is no result."""
+    """README.md: per budget, a learners x tasks matrix of means, blank where there is no result.
+
+    The matrices hold same-task results only: a cross-task result never fills (or competes for) a
+    cell. Cross-task results are listed after them in a table of their own (:func:`_cross_task_summary`),
+    one line per training task, test task, budget, learner and backbone; published numbers are never
+    shown beside them.
+    """
     lines = ["# Leaderboards", "", _NOTICE, "",
              "Each cell: the mean ± 95% CI of the learner's best row on that task (newest task version); "
              "**bold**: the best row or tied with it (see the task's page). A blank cell: no result. "
@@ -522,12 +608,13 @@ def render_summary(boards: list[Board], published: list[Published]) -> bytes:
              "protocol of the same name only, and from their full training length: compare them with budget "
              "`paper`. They are never shown for other data sets (e.g. none for kanji).", ""]
     sources: list[str] = []
-    budgets = sorted({s.budget for b in boards for s in b.sections}, key=_budget_key)
+    same = [(b, [s for s in b.sections if s.trained_on is None]) for b in boards]
+    budgets = sorted({s.budget for _, ss in same for s in ss}, key=_budget_key)
     for budget in budgets:
-        cols = [b for b in boards if any(s.budget == budget for s in b.sections)]
+        cols = [b for b, ss in same if any(s.budget == budget for s in ss)]
         cells: dict[tuple[str, str], dict[str, str]] = {}
         for b in cols:
-            section = next(s for s in b.sections if s.budget == budget)  # sections: newest version first
+            section = next(s for s in b.sections if s.budget == budget and s.trained_on is None)  # newest version first
             for r in section.rows:
                 text = fmt_mean_ci(r.summary.mean, r.summary.ci95, b.metric)
                 cells.setdefault((r.learner, r.backbone), {}).setdefault(
@@ -547,11 +634,44 @@ def render_summary(boards: list[Board], published: list[Published]) -> bytes:
                 row.append(text.strip())
             lines.append("| " + " | ".join(_cell(c) for c in [learner, backbone] + row) + " |")
         lines.append("")
+    lines += _cross_task_summary(boards)
     if not boards:
         lines += ["No results yet: publish one with `metabench publish RESULT.json`.", ""]
     if sources:
         lines += ["Sources:", ""] + [f"{i}. {s}" for i, s in enumerate(sources, 1)] + [""]
     return "\n".join(lines).encode()
+
+
+def _cross_task_summary(boards: list[Board]) -> list[str]:
+    """README.md lines listing the cross-task results (none without any): per training task, test task
+    (newest version) and budget, each learner/backbone's best row; bold where best or tied in its section."""
+    entries = []
+    for b in boards:
+        seen: set[tuple] = set()
+        for s in b.sections:  # per training task and budget: newest version first
+            if s.trained_on is None or (s.trained_on, s.budget) in seen:
+                continue
+            seen.add((s.trained_on, s.budget))
+            done: set[tuple[str, str]] = set()
+            for r in s.rows:  # table order: the best row of a learner/backbone comes first
+                if (r.learner, r.backbone) in done:
+                    continue
+                done.add((r.learner, r.backbone))
+                text = fmt_mean_ci(r.summary.mean, r.summary.ci95, b.metric)
+                entries.append(((s.trained_on, b.task, _budget_key(s.budget)),
+                                [s.trained_on, f"[{b.task}]({b.task}.md)", f"`{s.budget}`", r.learner, r.backbone,
+                                 f"**{text}**" if r.status in ("best", "tied") else text]))
+    if not entries:
+        return []
+    lines = ["## Cross-task", "",
+             "Learners meta-trained on one task and tested on another (e.g. miniImageNet to CUB, Chen et al. 2019). "
+             "They are not in the matrices above: each is ranked only against results with the same training "
+             "task, test task and budget (see the test task's page). **bold**: the best row or tied with it.", "",
+             "| trained on | tested on | budget | learner | backbone | mean (95% CI) |",
+             "|---|---|---|---|---|---|"]
+    entries.sort(key=lambda e: e[0])  # stable: within a key, table order
+    lines += ["| " + " | ".join(_cell(c) for c in cells) + " |" for _, cells in entries]
+    return lines + [""]
 
 
 # -- build and check --------------------------------------------------------------------------

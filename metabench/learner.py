@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
+from torch import nn
 
+from . import faults
 from .backbone import Backbone
 from .episodes import TrainSampler
 from .settings import check_settings
@@ -40,6 +42,24 @@ def _no_gradient_hook(parameters: list[torch.Tensor]) -> None:
     pass
 
 
+class StepHooks:
+    """What the harness does at the training-step boundaries of :class:`TrainContext` (checkpoints,
+    resume, validation, interrupts: :class:`metabench.resume.TrainingState`). This base does nothing:
+    a learner driven by a bare ``TrainContext`` (tests, notebooks) just trains."""
+
+    def on_track(self, name: str, obj: Any) -> None:
+        """``obj`` was tracked as ``name`` (a resumed run loads its saved state into it here)."""
+
+    def on_phase_start(self, phase: str) -> None:
+        """The loop of ``phase`` is about to run its first remaining step."""
+
+    def on_step_done(self, phase: str, step: int, total: int) -> None:
+        """Step ``step`` of ``phase`` finished: the learner's loop body for it has run."""
+
+    def on_phase_end(self, phase: str, total: int) -> None:
+        """Every step of ``phase`` has run."""
+
+
 @dataclass
 class TrainContext:
     """What a learner gets for meta-training, and the harness's hold on its training steps.
@@ -59,6 +79,13 @@ class TrainContext:
             loss = ...; loss.backward()
             ctx.step(opt, loss, acc=...)                                  # check, sync, step, report
 
+    ``ctx.track`` is where a resumed run puts the saved state back into the object, and the first
+    remaining step of the phase a checkpoint was taken in is where the random states (torch,
+    Python, NumPy, ``ctx.generator``) and the sampler's position are put back. So: track every
+    stateful object before the loop that uses it, do not change it between ``track`` and the loop,
+    keep everything the loop body changes in tracked objects (plain attributes:
+    :class:`metabench.AttributeState`), and give each loop its own phase name.
+
     A learner that keeps its own loop and calls ``ctx.progress(step, total, **metrics)`` still
     runs; its result records ``resumable: false``.
     """
@@ -77,6 +104,7 @@ class TrainContext:
     total: int = 0
     current: int = 0
     harness_steps: bool = False  # the learner used :meth:`steps`
+    hooks: StepHooks = field(default_factory=StepHooks)
 
     def pooled_train(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All training images (uint8 [N, C, H, W]) and their class labels (int64 [N])."""
@@ -91,6 +119,7 @@ class TrainContext:
         if name in self.tracked and self.tracked[name] is not obj:
             raise ValueError(f"ctx.track: {name!r} is already tracked")
         self.tracked[name] = obj
+        self.hooks.on_track(name, obj)
         return obj
 
     def steps(self, phase: str, total: int) -> Iterator[int]:
@@ -99,10 +128,14 @@ class TrainContext:
             raise ValueError(f"ctx.steps: total must be a non-negative integer, got {total!r}")
         self.harness_steps = True
         self.phase, self.total = phase, total
+        self.hooks.on_phase_start(phase)
         for step in range(self.done.get(phase, 0) + 1, total + 1):
             self.current = step
             yield step
             self.done[phase] = step
+            self.hooks.on_step_done(phase, step, total)
+        self.done.setdefault(phase, total)
+        self.hooks.on_phase_end(phase, total)
 
     def step(self, optimizer: torch.optim.Optimizer | None, loss: torch.Tensor | float, *, scheduler=None,
              parameters: list[torch.Tensor] | None = None, **metrics: float) -> float:
@@ -112,6 +145,7 @@ class TrainContext:
         parameters itself (Reptile); ``parameters`` then names the ones to check. Returns the loss
         as a float."""
         value = loss.item() if isinstance(loss, torch.Tensor) else float(loss)
+        value = faults.loss_value(f"{self.phase}:{self.current}", value)
         where = f"{self.phase or 'training'} step {self.current}"
         if not math.isfinite(value):
             raise TrainingDiverged(f"the training loss is {value} at {where}")
@@ -120,6 +154,7 @@ class TrainContext:
         grads = [p for p in parameters if p.grad is not None]
         if grads and not bool(torch.stack([torch.isfinite(p.grad).all() for p in grads]).all()):
             raise TrainingDiverged(f"a gradient is not finite at {where}")
+        faults.kill_point(f"{self.phase}:{self.current}")
         self.gradient_hook(grads)
         if optimizer is not None:
             optimizer.step()
@@ -158,6 +193,9 @@ class Learner(abc.ABC):
     #: a table per protocol name (``["omniglot-5w1s"]``) of Config overrides, and optionally a
     #: ``backbone`` table inside it. Protocols without a table run the ``paper`` budget alone.
     paper_config: ClassVar[Any] = None
+    #: True if a trained learner can be tested on episodes with another number of ways than it
+    #: was trained on (metric learners, fine-tuned heads); ``metabench eval`` refuses it otherwise.
+    any_ways: ClassVar[bool] = False
 
     def __init__(self, config: Any, backbone: Backbone, protocol: Protocol, device: torch.device):
         """Checks a dataclass ``config`` against its fields' declarations (:func:`metabench.check_settings`:
@@ -186,6 +224,36 @@ class Learner(abc.ABC):
         the learner has no step count to vary.
         """
         return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The trained state :meth:`predict` needs, by attribute name: every ``nn.Module`` (its
+        ``state_dict()``) and tensor attribute of the learner, a module held under two names once.
+        What a saved learner file keeps, and what validation keeps of the best state. A learner
+        whose test-time state lives elsewhere overrides this and :meth:`load_state_dict`; whatever
+        ``predict`` needs must exist once ``__init__`` has run, so that a fresh learner can take it."""
+        state, seen = {}, set()
+        for name, value in vars(self).items():
+            if isinstance(value, (nn.Module, torch.Tensor)) and id(value) not in seen:
+                seen.add(id(value))
+                state[name] = value.state_dict() if isinstance(value, nn.Module) else value.detach()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put back a :meth:`state_dict`; ``ValueError`` naming what does not fit."""
+        own = self.state_dict()
+        if set(own) != set(state):
+            missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+            raise ValueError(f"the saved state does not fit this learner (missing: {', '.join(missing) or '-'}; "
+                             f"unexpected: {', '.join(extra) or '-'})")
+        for name, value in state.items():
+            target = getattr(self, name)
+            if isinstance(target, nn.Module):
+                target.load_state_dict(value)
+            else:
+                if not isinstance(value, torch.Tensor) or value.shape != target.shape:
+                    raise ValueError(f"the saved {name!r} does not fit this learner's shape {tuple(target.shape)}")
+                with torch.no_grad():
+                    target.copy_(value)
 
     @abc.abstractmethod
     def predict(self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:

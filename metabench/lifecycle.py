@@ -25,7 +25,7 @@ class RunInfo:
     out_dir:  the folder the result file will be written to, or None when the caller writes no
               result (``metabench.runner.execute`` called as a library): write nothing then.
     run_id:   unique among runs (task, learner, backbone, budget, seed, UTC time, process id and a
-              per-process count), and safe as part of a file name.
+              per-process count), and safe as part of a file name; a resumed run keeps its first id.
     started:  when the run started, in seconds since the epoch (``time.time()``).
     """
 
@@ -40,8 +40,12 @@ class RunInfo:
 
     @classmethod
     def start(cls, learner: str, task: str, backbone: str, seed: int, budget: str,
-              out_dir: str | Path | None = None) -> "RunInfo":
-        """A RunInfo for a run starting now, with a fresh ``run_id``."""
+              out_dir: str | Path | None = None, run_id: str | None = None, elapsed: float = 0.0) -> "RunInfo":
+        """A RunInfo for a run starting now, with a fresh ``run_id``; a resumed run passes the id
+        it started with and the seconds it had already run (``started`` is moved back by them)."""
+        if run_id is not None:
+            return cls(learner, task, backbone, seed, budget, None if out_dir is None else Path(out_dir), run_id,
+                       time.time() - elapsed)
         started = time.time()
         stamp = _dt.datetime.fromtimestamp(started, _dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         parts = [task, learner, backbone, budget, f"seed{seed}", stamp, f"p{os.getpid()}-{next(_RUNS_IN_THIS_PROCESS)}"]

@@ -3,7 +3,10 @@
 A result is accepted when it is a valid result file (schema), its task is installed with the same
 version and episode shape, its ``episodes_sha256`` is the hash of the first ``task.episodes``
 evaluation episodes of the installed task, its summary mean matches its per-episode values, and the
-leaderboard holds no result yet for the same task, learner, backbone, budget, seed and episode set.
+leaderboard holds no result yet for the same task, learner, backbone, budget, seed, episode set and
+training task. A cross-task result (``trained_on.task`` names another task: a saved learner evaluated
+by ``metabench eval``) is validated against the task it was tested on, like any other; its training
+task must be a plain name, and is part of what tells it apart from the same-task run of that seed.
 All files are validated before any is copied: one refusal copies nothing.
 """
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 
 from .episodes import episodes_sha256, eval_draws
 from .errors import MetabenchError
-from .leaderboard import settings_sha
+from .leaderboard import settings_sha, trained_on_problem, training_task
 from .results import load_result, result_filename
 
 DEFAULT_DEST = Path("leaderboards/results")
@@ -32,9 +35,10 @@ class Accepted:
 
 
 def run_key(doc: dict) -> tuple:
-    """What makes two results the same run for the leaderboard (one row, one seed)."""
+    """What makes two results the same run for the leaderboard (one row, one seed); the training task
+    (None for same-task) keeps a cross-task result apart from the same-task run of its learner and seed."""
     return (doc["task"]["name"], doc["learner"]["name"], doc["backbone"]["name"], settings_sha(doc), doc["budget"],
-            doc["seed"], doc["task"]["episodes_sha256"])
+            doc["seed"], doc["task"]["episodes_sha256"], training_task(doc))
 
 
 def validate(path: Path, host, hash_cache: dict | None = None, roots=None) -> dict:
@@ -44,7 +48,13 @@ def validate(path: Path, host, hash_cache: dict | None = None, roots=None) -> di
     """
     doc = load_result(path)
     task = doc["task"]
-    for what, name in (("learner", doc["learner"]["name"]), ("backbone", doc["backbone"]["name"]), ("budget", doc["budget"])):
+    problem = trained_on_problem(doc)
+    if problem:
+        raise MetabenchError(f"{path}: refused: {problem}")
+    names = [("learner", doc["learner"]["name"]), ("backbone", doc["backbone"]["name"]), ("budget", doc["budget"])]
+    if training_task(doc) is not None:
+        names.append(("training task", training_task(doc)))
+    for what, name in names:
         if not _NAME.match(name):
             raise MetabenchError(f"{path}: refused: {what} name {name!r} is not a plain lowercase name")
     try:
@@ -91,7 +101,8 @@ def plan(paths: list[Path], host, dest: Path = DEFAULT_DEST, roots=None) -> list
                 continue
             if run_key(doc) == run_key(existing):
                 raise MetabenchError(f"{path}: refused: {other} already holds seed {doc['seed']} of this learner, "
-                                     f"backbone, settings and budget on these episodes; remove it first to replace it")
+                                     f"backbone, settings, budget and training task on these episodes; remove it "
+                                     f"first to replace it")
         for prior in accepted:
             if run_key(doc) == run_key(prior.doc):
                 raise MetabenchError(f"{path}: refused: the same run as {prior.source} (seed {doc['seed']})")

@@ -109,8 +109,12 @@ def load_result(path: str | Path) -> dict:
 
 
 def result_filename(doc: dict) -> str:
-    """``<task>__<learner>__<backbone>__<budget>__seed<seed>__<utc time>.json``"""
+    """``<task>__<learner>__<backbone>__<budget>__seed<seed>__<utc time>.json``; a cross-task result
+    (``trained_on.task`` another task) has ``from-<training task>`` after the learner."""
     parts = [doc["task"]["name"], doc["learner"]["name"], doc["backbone"]["name"], doc["budget"], f"seed{doc['seed']}"]
+    trained = (doc.get("trained_on") or {}).get("task")
+    if trained and trained != doc["task"]["name"]:  # a saved learner tested on another task
+        parts.insert(2, f"from-{trained}")
     stamp = doc.get("created_utc", "").replace(":", "").replace("-", "")
     return "__".join(p.replace("/", "_").replace(":", "_") for p in parts + ([stamp] if stamp else [])) + ".json"
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import inspect
-import math
 import platform
 import subprocess
 import time
@@ -20,13 +19,18 @@ from .config import build_config, coerce_backbone_options
 from .data import DataRoots
 from .episodes import TrainSampler, episodes_sha256, eval_draws
 from .errors import MetabenchError, PluginError
-from .learner import BUDGETS, Learner, TrainContext
+from .evaluation import Scores, evaluate, metric_after_steps, score  # noqa: F401  (both were defined here before)
+from .learner import BUDGETS, Learner, TrainContext, TrainingDiverged
+from .learner_file import learner_document, write_learner_file
 from .lifecycle import RunInfo
 from .plugins import PluginHost
-from .results import PER_STEP_COUNTS, SCHEMA_VERSION
+from .results import SCHEMA_VERSION
+from .checkpoint import set_rng_state
+from .resume import CheckpointInterval, EvaluationProgress, RunFolder, RunInterrupted, TrainingState, run_folder_name
 from .settings import check_settings
 from .stats import summarize
 from .task import Protocol
+from .validation import ValidationSettings, Validator
 
 SMOKE_EPISODES = 20
 
@@ -64,6 +68,57 @@ class RunRequest:
     learner_layers: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     backbone_options: dict[str, Any] = field(default_factory=dict)
     data_roots: DataRoots | None = None
+    #: validation during training: a ``[validation]`` table ({"every": N, "episodes": M}; every 0:
+    #: off), over the learner's paper config's at budget paper; None: the paper config's (else off)
+    validation: dict[str, Any] | None = None
+
+
+@dataclass
+class RunControl:
+    """How a run is kept (not what it computes).
+
+    out_dir:          where checkpoints (``<out>/checkpoints/<run>/``) and the learner file go;
+                      None: nothing is written (a library call)
+    resume:           continue from the run's last checkpoint in ``out_dir``
+    checkpoint_every: :class:`metabench.resume.CheckpointInterval`
+    save_learner:     keep the trained learner as ``<run>.learner.pt`` in ``out_dir``
+    """
+
+    out_dir: Path | None = None
+    resume: bool = False
+    checkpoint_every: CheckpointInterval = field(default_factory=lambda: CheckpointInterval.parse("5m"))
+    save_learner: bool = True
+    # filled by open(): the run's folder and what a resume continues from
+    folder: RunFolder | None = field(default=None, init=False)
+    resume_doc: dict = field(default_factory=dict, init=False)
+    eval_doc: dict | None = field(default=None, init=False)
+    run_id: str | None = field(default=None, init=False)
+    opened: bool = field(default=False, init=False)
+
+    def open(self, plan: "RunPlan") -> None:
+        """Find the run's checkpoint folder; on resume load what it continues from (refusing
+        another run's checkpoint or a damaged one), else refuse to overwrite an unfinished run's."""
+        if self.opened:
+            return
+        self.opened = True
+        if self.out_dir is None:
+            return
+        r = plan.request
+        identity = run_identity(plan)
+        self.folder = RunFolder(self.out_dir, run_folder_name(plan.protocol.name, r.learner, plan.backbone,
+                                                              r.budget, r.seed))
+        if self.resume:
+            self.resume_doc = self.folder.load_latest(identity)
+            self.eval_doc = EvaluationProgress(self.folder, identity, self.checkpoint_every).load()
+            self.run_id = self.folder.run_id()
+        else:
+            self.folder.check_fresh()
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds the run had trained (and evaluated) before this process continued it."""
+        doc = self.eval_doc or self.resume_doc
+        return float(doc.get("seconds", 0.0)) + float((self.eval_doc or {}).get("eval_s", 0.0)) if doc else 0.0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -101,41 +156,6 @@ def git_commit() -> str | None:
         return None
 
 
-def score(protocol: Protocol, output: torch.Tensor, query_y: torch.Tensor, who: str) -> float:
-    """Accuracy (classification) or mean squared error (regression) of one episode's predictions."""
-    q = query_y.shape[0]
-    if protocol.problem == "classification":
-        expected = (q, protocol.ways)
-        if not isinstance(output, torch.Tensor) or tuple(output.shape) != expected:
-            got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-            raise PluginError(f"{who}: predict returned {got}; expected logits of shape {expected}")
-        return (output.argmax(dim=1) == query_y).float().mean().item()
-    if not isinstance(output, torch.Tensor) or output.shape != query_y.shape:
-        got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-        raise PluginError(f"{who}: predict returned {got}; expected predictions of shape {tuple(query_y.shape)}")
-    return torch.mean((output.double() - query_y.double()) ** 2).item()
-
-
-def metric_after_steps(learner: Learner, protocol: Protocol, episode, who: str, index: int) -> dict | None:
-    """The metric of one episode after each of :data:`~metabench.results.PER_STEP_COUNTS` test-time
-    steps (``{k: value}``, a non-finite value as None), for a learner that adapts by steps; None
-    when the learner has no step count to vary."""
-    try:
-        with torch.no_grad():
-            outputs = learner.predict_after_steps(episode.support_x, episode.support_y, episode.query_x,
-                                                  PER_STEP_COUNTS)
-    except Exception as exc:
-        raise PluginFailed(f"{who} failed in predict_after_steps (episode {index}): {type(exc).__name__}: {exc}") from exc
-    if outputs is None:
-        return None
-    if not isinstance(outputs, dict) or set(outputs) != set(PER_STEP_COUNTS):
-        got = sorted(outputs) if isinstance(outputs, dict) else type(outputs).__name__
-        raise PluginError(f"{who}: predict_after_steps returned {got}; expected a dict with keys "
-                          f"{list(PER_STEP_COUNTS)}")
-    values = {k: score(protocol, outputs[k], episode.query_y, who) for k in PER_STEP_COUNTS}
-    return {k: v if math.isfinite(v) else None for k, v in values.items()}
-
-
 def prepare_split(source, split: str, plugin: str, progress: Progress) -> None:
     """Load (or build and cache) a split, with a progress bar while a plugin reports progress."""
     phase = f"data {split}"
@@ -156,7 +176,10 @@ def prepare_split(source, split: str, plugin: str, progress: Progress) -> None:
 
 
 def paper_settings(cls: type[Learner], task: str, learner: str) -> dict[str, Any]:
-    """The learner's published hyper-parameters for ``task`` from its ``paper_config`` TOML ({} if none)."""
+    """The learner's published hyper-parameters for ``task`` from its ``paper_config`` TOML ({} if none).
+
+    A ``validation`` table (top level, for every protocol, or inside the protocol's table) says
+    how the paper picked its trained state on validation episodes; it is returned under "validation"."""
     if cls.paper_config is None:
         return {}
     try:
@@ -164,7 +187,10 @@ def paper_settings(cls: type[Learner], task: str, learner: str) -> dict[str, Any
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise PluginError(f"learner {learner!r}: cannot read its paper config {cls.paper_config}: {exc}") from None
     section = doc.get(task, {})
-    return dict(section) if isinstance(section, dict) else {}
+    section = dict(section) if isinstance(section, dict) else {}
+    if task in doc and isinstance(doc.get("validation"), dict) and "validation" not in section:
+        section["validation"] = doc["validation"]
+    return section
 
 
 @dataclass(frozen=True)
@@ -177,6 +203,7 @@ class RunPlan:
                recorded_options: those plus the factory's defaults (what the result records)
     config:    the learner's Config instance (budget, paper config, --config and --set applied)
     device:    where to compute; episodes: how many fixed test episodes to score
+    validation: validation during training (:class:`~metabench.validation.ValidationSettings`) or None
     """
 
     request: RunRequest
@@ -190,6 +217,7 @@ class RunPlan:
     config: Any
     device: torch.device
     episodes: int
+    validation: ValidationSettings | None = None
 
     @property
     def who(self) -> str:
@@ -215,6 +243,9 @@ def prepare(request: RunRequest, host: PluginHost) -> RunPlan:
                 if p.default is not inspect.Parameter.empty}
     paper = paper_settings(cls, protocol.name, request.learner) if request.budget == "paper" else {}
     paper_backbone = paper.pop("backbone", {}) if not request.backbone else {}
+    paper_validation = paper.pop("validation", None)
+    table = {**(paper_validation if isinstance(paper_validation, dict) else {}), **(request.validation or {})}
+    validation = ValidationSettings.from_table(table, "validation") if table else None
     backbone_options = coerce_backbone_options({**paper_backbone, **request.backbone_options}, defaults)
     recorded_options = {k: v for k, v in defaults.items() if k != "variant"} | backbone_options
     layers = [(f"budget {request.budget!r}", cls.budgets[request.budget])]
@@ -230,41 +261,72 @@ def prepare(request: RunRequest, host: PluginHost) -> RunPlan:
     device = resolve_device(request.device)
     n_eval = request.episodes or (min(SMOKE_EPISODES, protocol.episodes) if request.budget == "smoke" else protocol.episodes)
     return RunPlan(request, entry, protocol, source, task_plugin, backbone_name, backbone_options, recorded_options,
-                   config, device, n_eval)
+                   config, device, n_eval, validation)
+
+
+def run_identity(plan: RunPlan) -> dict:
+    """What defines a run, for refusing to resume another run's checkpoint."""
+    r = plan.request
+    return {"learner": plan.learner.name, "task": f"{plan.protocol.name} (version {plan.protocol.version})",
+            "seed": r.seed, "backbone": plan.backbone, "backbone_options": plan.recorded_options, "budget": r.budget,
+            "episodes": plan.episodes, "metabench_version": __version__,
+            "validation": plan.validation.as_dict() if plan.validation else None,
+            "config": dataclasses.asdict(plan.config) if dataclasses.is_dataclass(plan.config) else dict(vars(plan.config))}
+
+
+def task_record(protocol: Protocol) -> dict:
+    """What a learner file keeps of the task it was trained on."""
+    return {"name": protocol.name, "version": protocol.version, "dataset": protocol.dataset,
+            "problem": protocol.problem, "ways": protocol.ways, "shots": protocol.shots, "queries": protocol.queries,
+            "channels": protocol.channels, "image_size": protocol.image_size}
+
+
+def build_learner(plan: RunPlan, host: PluginHost, image_size=None, protocol: Protocol | None = None) -> Learner:
+    """A fresh learner of the plan, its backbone built for ``image_size`` (default the protocol's)."""
+    protocol = protocol or plan.protocol
+    backbone = host.build_backbone(plan.backbone, protocol.channels, image_size or protocol.image_size,
+                                   **plan.backbone_options)
+    backbone.module.to(plan.device)
+    try:
+        return plan.learner.obj(plan.config, backbone, protocol, plan.device)
+    except ValueError as exc:  # the learners' convention for a setting it does not accept: bad input
+        raise MetabenchError(f"{plan.who} refused its settings: {exc}") from None
+    except Exception as exc:
+        raise PluginFailed(f"{plan.who} failed to start: {type(exc).__name__}: {exc}") from exc
 
 
 def execute(plan: RunPlan | RunRequest, host: PluginHost, progress: Progress | None = None,
-            run: RunInfo | None = None) -> dict:
+            run: RunInfo | None = None, control: RunControl | None = None) -> dict:
     """Carry out a run (a plan from :func:`prepare`, or a request to prepare first) and return the
     result document (not yet written).
 
-    ``run``: what lifecycle hooks are told about this run; by default one with no output folder."""
+    ``run``: what lifecycle hooks are told about this run; by default one with no output folder.
+    ``control``: checkpoints, resume and the saved learner file (:class:`RunControl`); by default
+    nothing is written. Once the caller has written the result, it calls :func:`finish` to remove
+    the run's checkpoints."""
     if isinstance(plan, RunRequest):
         plan = prepare(plan, host)
     progress = progress or NoProgress()
+    control = control or RunControl()
     request, entry, protocol, source = plan.request, plan.learner, plan.protocol, plan.source
-    task_plugin, backbone_name, backbone_options = plan.task_plugin, plan.backbone, plan.backbone_options
-    recorded_options, config, device, n_eval, who = (plan.recorded_options, plan.config, plan.device, plan.episodes,
-                                                     plan.who)
-    run = run or RunInfo.start(request.learner, protocol.name, backbone_name, request.seed, request.budget)
+    device, who = plan.device, plan.who
+    run = run or RunInfo.start(request.learner, protocol.name, plan.backbone, request.seed, request.budget)
     commit = git_commit()  # the code that runs, read before the working tree can change under a long run
 
+    identity = run_identity(plan)
+    control.open(plan)
+    folder, resume_doc = control.folder, control.resume_doc
+    eval_progress = EvaluationProgress(folder, identity, control.checkpoint_every)
+
     source.set_roots(request.data_roots or DataRoots.from_settings())
-    for split in dict.fromkeys(("train", protocol.eval_split)):
-        prepare_split(source, split, task_plugin, progress)
-    draws = eval_draws(protocol, source, protocol.eval_split, n_eval)
+    splits = ("train", protocol.eval_split) + (("val",) if plan.validation else ())
+    for split in dict.fromkeys(splits):
+        prepare_split(source, split, plan.task_plugin, progress)
+    draws = eval_draws(protocol, source, protocol.eval_split, plan.episodes)
 
     torch.manual_seed(request.seed)
     generator = torch.Generator().manual_seed(request.seed)
-    backbone = host.build_backbone(backbone_name, protocol.channels, protocol.image_size, **backbone_options)
-    backbone.module.to(device)
-    try:
-        learner = entry.obj(config, backbone, protocol, device)
-    except ValueError as exc:  # the learners' convention for a setting it does not accept: bad input
-        raise MetabenchError(f"{who} refused its settings: {exc}") from None
-    except Exception as exc:
-        raise PluginFailed(f"{who} failed to start: {type(exc).__name__}: {exc}") from exc
-
+    learner = build_learner(plan, host)
     started_phases: set[str] = set()
 
     def report(phase: str, step: int, total: int, metrics: dict) -> None:
@@ -274,73 +336,147 @@ def execute(plan: RunPlan | RunRequest, host: PluginHost, progress: Progress | N
         progress.update(phase, step, **metrics)
         host.on_progress(run, phase, step, total, dict(metrics))
 
+    validator = Validator(plan.validation, learner, protocol, source, device, who, score, report) \
+        if plan.validation else None
+
     ctx = TrainContext(protocol, TrainSampler(protocol, source, request.seed, "train", device), source, device,
                        generator, report)
-    started = time.perf_counter()
+    state = TrainingState(folder, identity, control.checkpoint_every, resume_doc, validator)
+    state.attach(ctx)
+    if folder is not None and not control.resume:
+        folder.start(identity, run.run_id)  # bad input is refused before: it leaves nothing behind
     try:
-        learner.meta_train(ctx)
-    except (MetabenchError, KeyboardInterrupt):
+        meta_train_s, eval_s, scores, learner_file, resumed = train_and_evaluate(
+            plan, host, control, learner, ctx, state, validator, eval_progress, draws, progress, identity)
+    except BaseException:
+        if folder is not None and not folder.has_progress():
+            folder.remove()  # nothing to resume from: leave nothing behind
         raise
-    except Exception as exc:
-        raise PluginFailed(f"{who} failed in meta_train: {type(exc).__name__}: {exc}") from exc
-    meta_train_s = time.perf_counter() - started
-
-    per_episode: list[float] = []
-    # regression: the metric after each of PER_STEP_COUNTS steps too, until the learner says it has none
-    curves: dict[int, list] | None = {k: [] for k in PER_STEP_COUNTS} if protocol.problem == "regression" else None
-    progress.start("evaluate", len(draws))
-    started = time.perf_counter()
-    for i, draw in enumerate(draws):
-        episode = source.materialize(draw, protocol.eval_split).to(device)
-        try:
-            with torch.no_grad():
-                output = learner.predict(episode.support_x, episode.support_y, episode.query_x)
-        except Exception as exc:
-            raise PluginFailed(f"{who} failed in predict (episode {i}): {type(exc).__name__}: {exc}") from exc
-        value = score(protocol, output, episode.query_y, who)
-        per_episode.append(value)
-        if curves is not None:
-            after = metric_after_steps(learner, protocol, episode, who, i)
-            if after is None:
-                curves = None
-            else:
-                for k, v in after.items():
-                    curves[k].append(v)
-        progress.update("evaluate", i + 1, mean=sum(per_episode) / len(per_episode))
-    per_step = {str(k): values for k, values in curves.items()} if curves is not None else None
-    eval_s = time.perf_counter() - started
+    per_episode, per_step = scores.per_episode, scores.record()["per_step"]
 
     cls = entry.obj
-    return {
+    doc = {
         "schema_version": SCHEMA_VERSION,
         "metabench_version": __version__,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "task": {
-            "name": protocol.name, "version": protocol.version, "dataset": protocol.dataset,
-            "split": protocol.eval_split, "ways": protocol.ways, "shots": protocol.shots,
-            "queries": protocol.queries, "episodes": len(draws), "episodes_sha256": episodes_sha256(draws),
-            "metric": protocol.metric, "higher_is_better": protocol.higher_is_better,
-            "problem": protocol.problem, "image_size": protocol.image_size,
-        },
+        "task": task_section(protocol, draws),
         "learner": {
-            "name": entry.name, "plugin": entry.plugin,
-            "version": str(getattr(cls, "version", None) or host.plugins[entry.plugin].version),
-            "config": dataclasses.asdict(config), "transductive": bool(cls.transductive),
+            "name": entry.name, "plugin": entry.plugin, "version": learner_version(entry, host),
+            "config": dataclasses.asdict(plan.config), "transductive": bool(cls.transductive),
             # whether the harness owned the training steps (ctx.steps / ctx.step), so that a run
             # can be checkpointed and resumed; false for a learner that keeps its own loop
             "resumable": ctx.harness_steps,
         },
-        "backbone": {"name": backbone_name, "options": recorded_options, "out_features": backbone.out_features,
-                     "parameters": sum(p.numel() for p in backbone.module.parameters())},
+        "backbone": {"name": plan.backbone, "options": plan.recorded_options,
+                     "out_features": learner.backbone.out_features,
+                     "parameters": sum(p.numel() for p in learner.backbone.module.parameters())},
         "seed": request.seed,
         "budget": request.budget,
+        "trained_on": {"task": protocol.name, "version": protocol.version, "image_size": protocol.image_size},
         "per_episode": per_episode,
         "summary": summarize(per_episode).to_dict(),
         **({"per_step": per_step} if per_step is not None else {}),
-        "timing": {"meta_train_s": round(meta_train_s, 3), "eval_s": round(eval_s, 3)},
-        "environment": {
-            "python": platform.python_version(), "torch": torch.__version__, "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-            "threads": torch.get_num_threads(), "platform": platform.platform(), "git_commit": commit,
-        },
+        **({"validation": validator.record()} if validator is not None else {}),
+        **({"learner_file": learner_file} if learner_file else {}),
+        **({"resumed": resumed} if resumed else {}),
+        "timing": {"meta_train_s": round(meta_train_s, 3), "eval_s": round(eval_s, 3),
+                   # in this process: checkpoints (training) and evaluation-progress files written
+                   "checkpoints": state.writes, "checkpoint_s": round(state.write_seconds, 4),
+                   "progress_files": eval_progress.writes, "progress_s": round(eval_progress.write_seconds, 4)},
+        "environment": environment(device, commit),
     }
+    return doc
+
+
+def train_and_evaluate(plan, host, control, learner, ctx, state, validator, eval_progress, draws, progress,
+                       identity):
+    """Meta-train (or take the state back from a checkpoint), keep the learner file, evaluate (or
+    continue an interrupted evaluation). Returns (meta_train_s, eval_s, scores, learner_file, resumed)."""
+    entry, protocol, request, who, device = plan.learner, plan.protocol, plan.request, plan.who, plan.device
+    folder, eval_doc = control.folder, control.eval_doc
+    try:
+        learner.meta_train(ctx)
+    except (MetabenchError, KeyboardInterrupt):
+        raise
+    except TrainingDiverged as exc:
+        kept = f"the last good checkpoint is {state.last_path or folder.checkpoints.latest()}" \
+            if folder is not None and (state.last_path or folder.checkpoints.latest()) else "no checkpoint was written"
+        raise PluginError(f"{who} diverged: {exc}; no score is written; {kept}") from None
+    except Exception as exc:
+        raise PluginFailed(f"{who} failed in meta_train: {type(exc).__name__}: {exc}") from exc
+    finally:
+        state.release_interrupts()
+    state.finish_resume(who)
+    meta_train_s = state.training_seconds()
+    if validator is not None:
+        validator.restore_best()
+
+    learner_file = None if eval_doc is None else eval_doc.get("learner_file")
+    if eval_doc is None and control.save_learner and control.out_dir is not None:
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        doc = learner_document(
+            learner={"name": entry.name, "plugin": entry.plugin, "version": learner_version(entry, host),
+                     "config": identity["config"]},
+            backbone={"name": plan.backbone, "options": plan.recorded_options}, task=task_record(protocol),
+            seed=request.seed, budget=request.budget, state=learner.state_dict(),
+            validation=validator.record() if validator is not None else None)
+        learner_file = write_learner_file(doc, control.out_dir, f"{folder.path.name}__{stamp}").name
+
+    scores = Scores(protocol.problem, *(
+        (eval_doc["per_episode"], eval_doc["per_step"], True) if eval_doc is not None else ()))
+    resumed = list(state.resumed)
+    if eval_doc is not None:
+        set_rng_state(eval_doc["rng"])
+        resumed = list(eval_doc.get("resumed", [])) + [f"evaluation after {len(scores.per_episode)} episodes"]
+    eval_record = {"learner_file": learner_file, "seconds": meta_train_s, "resumed": resumed,
+                   "eval_s": float(eval_doc["eval_s"]) if eval_doc is not None else 0.0}
+    if eval_doc is None:
+        eval_progress.save({**eval_record, **scores.record()})  # training is complete: evaluation starts from here
+    started = time.perf_counter()
+    prior_eval_s = eval_record["eval_s"]
+
+    def after_episode(i: int, scores: Scores) -> None:
+        stop = state.stop_requested
+        if stop or eval_progress.due():
+            eval_progress.save({**eval_record, "eval_s": prior_eval_s + time.perf_counter() - started,
+                                **scores.record()})
+        if stop:
+            raise RunInterrupted(state.interrupt_message(f"evaluation episode {i + 1} of {len(draws)}",
+                                                         eval_progress.path))
+
+    state.catch_interrupts()
+    try:
+        evaluate(learner, protocol, plan.source, protocol.eval_split, draws, who, progress, device, scores,
+                 after_episode=after_episode)
+    finally:
+        state.release_interrupts()
+    eval_s = prior_eval_s + time.perf_counter() - started
+
+    return meta_train_s, eval_s, scores, learner_file, resumed
+
+
+def task_section(protocol: Protocol, draws) -> dict:
+    """The result's ``task``: the protocol and the SHA-256 of the episodes scored."""
+    return {"name": protocol.name, "version": protocol.version, "dataset": protocol.dataset,
+            "split": protocol.eval_split, "ways": protocol.ways, "shots": protocol.shots,
+            "queries": protocol.queries, "episodes": len(draws), "episodes_sha256": episodes_sha256(draws),
+            "metric": protocol.metric, "higher_is_better": protocol.higher_is_better,
+            "problem": protocol.problem, "image_size": protocol.image_size}
+
+
+def learner_version(entry, host: PluginHost) -> str:
+    return str(getattr(entry.obj, "version", None) or host.plugins[entry.plugin].version)
+
+
+def environment(device: torch.device, commit: str | None) -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+            "threads": torch.get_num_threads(), "platform": platform.platform(), "git_commit": commit}
+
+
+def finish(plan: RunPlan, control: RunControl) -> None:
+    """After the result is written: the run is complete, its checkpoints are no longer needed."""
+    if control.out_dir is not None:
+        r = plan.request
+        RunFolder(control.out_dir, run_folder_name(plan.protocol.name, r.learner, plan.backbone, r.budget,
+                                                   r.seed)).remove()

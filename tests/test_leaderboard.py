@@ -5,6 +5,7 @@ Result documents are made synthetically (valid per ``schema_problems``), never b
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import math
@@ -16,7 +17,7 @@ from scipy import stats as st
 import metabench.plugins
 from metabench import MetabenchError, hookimpl
 from metabench.episodes import episodes_sha256, eval_draws
-from metabench.leaderboard import build, check, generate, holm
+from metabench.leaderboard import build, check, fmt_mean_ci, generate, holm
 from metabench.results import result_filename, schema_problems, write_result
 from metabench.stats import summarize
 
@@ -26,7 +27,8 @@ SHA_A, SHA_B = "a" * 64, "b" * 64
 
 
 def make_doc(values, *, task="kanji-5w1s", learner="protonet", backbone="conv4", budget="quick", seed=0,
-             version=1, sha=SHA_A, metric="accuracy", higher=True, config=None, transductive=False) -> dict:
+             version=1, sha=SHA_A, metric="accuracy", higher=True, config=None, transductive=False,
+             trained_on=None) -> dict:
     doc = {
         "schema_version": 1, "metabench_version": "0.1.0",
         "task": {"name": task, "version": version, "ways": 5, "shots": 1, "queries": 15, "episodes": len(values),
@@ -38,6 +40,8 @@ def make_doc(values, *, task="kanji-5w1s", learner="protonet", backbone="conv4",
         "summary": summarize(values).to_dict(), "timing": {"meta_train_s": 12.0, "eval_s": 3.0},
         "environment": {"python": "3.11.7", "torch": "2.4.0", "device": "cpu", "git_commit": None},
     }
+    if trained_on is not None:  # the task the learner was meta-trained on (``metabench eval``: another one)
+        doc["trained_on"] = {"task": trained_on, "version": 1, "image_size": 28}
     assert schema_problems(doc) == []
     return doc
 
@@ -243,6 +247,98 @@ def test_duplicate_seed_is_refused(lb):
         build([results], out)
 
 
+# -- cross-task results ------------------------------------------------------------------------
+def csv_rows(out: Path, task: str) -> list[dict]:
+    return list(csv.DictReader((out / f"{task}.csv").read_text().splitlines()))
+
+
+def test_cross_task_result_gets_its_own_section_naming_its_training_task(lb):
+    out, results = lb
+    write_result(make_doc(spread(0.80)), results / "same")
+    write_result(make_doc(spread(0.60), learner="maml"), results / "same")
+    # the same learner, seed, budget and test episodes, meta-trained on another task (and better)
+    write_result(make_doc(spread(0.90), trained_on="omniglot-5w1s"), results / "cross")
+    build([results], out)
+    same, cross = board(out, "kanji-5w1s")["sections"]
+    assert same["trained_on"] is None and cross["trained_on"] == "omniglot-5w1s"
+    assert [(r["learner"], r["rank"], r["trained_on"]) for r in same["rows"]] == \
+        [("protonet", 1, None), ("maml", 2, None)]  # ranked without the (better) cross-task row
+    assert [(r["learner"], r["rank"], r["vs_best"]["status"], r["trained_on"], r["seeds"]) for r in cross["rows"]] == \
+        [("protonet", 1, "best", "omniglot-5w1s", [0])]
+    assert same["rows"][0]["mean"] == pytest.approx(0.80) and cross["rows"][0]["mean"] == pytest.approx(0.90)
+
+    table = csv_rows(out, "kanji-5w1s")
+    assert [(r["learner"], r["trained_on"], r["rank"]) for r in table] == \
+        [("protonet", "", "1"), ("maml", "", "2"), ("protonet", "omniglot-5w1s", "1")]
+
+    md = (out / "kanji-5w1s.md").read_text()
+    heading = "## Cross-task: trained on omniglot-5w1s (budget `quick`) · task version 1"
+    assert md.index("## Budget `quick` · task version 1") < md.index(heading)
+    cross_lines = [x for x in md[md.index(heading):].splitlines() if x.startswith("| 1 |")]
+    assert len(cross_lines) == 1 and "| protonet (trained on omniglot-5w1s) | conv4 | 90.00 ± " in cross_lines[0]
+    same_part = md[:md.index(heading)]
+    assert "| 1 | protonet | conv4 | 80.00 ± " in same_part and "trained on" not in same_part
+    assert "protonet (trained on omniglot-5w1s)" in (out / "kanji-5w1s.svg").read_text()  # the plot's row label
+    assert check([results], out) == []
+
+
+def test_cross_task_results_of_two_training_tasks_get_two_sections(lb):
+    out, results = lb
+    write_result(make_doc(spread(0.80)), results)
+    write_result(make_doc(spread(0.85), budget="paper"), results)
+    write_result(make_doc(spread(0.70), trained_on="omniglot-5w1s"), results / "omniglot")
+    write_result(make_doc(spread(0.75), trained_on="omniglot-5w1s", budget="paper"), results / "omniglot")
+    write_result(make_doc(spread(0.65), trained_on="miniimagenet-5w1s"), results / "mini")
+    write_result(make_doc(spread(0.50), learner="maml", trained_on="miniimagenet-5w1s"), results / "mini")
+    build([results], out)
+    sections = board(out, "kanji-5w1s")["sections"]
+    assert [(s["trained_on"], s["budget"]) for s in sections] == [
+        (None, "paper"), (None, "quick"),  # same-task first, as before
+        ("miniimagenet-5w1s", "quick"), ("omniglot-5w1s", "paper"), ("omniglot-5w1s", "quick")]
+    assert [[(r["learner"], r["rank"], r["trained_on"]) for r in s["rows"]] for s in sections[2:]] == [
+        [("protonet", 1, "miniimagenet-5w1s"), ("maml", 2, "miniimagenet-5w1s")],
+        [("protonet", 1, "omniglot-5w1s")], [("protonet", 1, "omniglot-5w1s")]]
+    md = (out / "kanji-5w1s.md").read_text()
+    assert md.count("## Cross-task: trained on ") == 3
+    assert md.index("## Cross-task: trained on miniimagenet-5w1s (budget `quick`)") < \
+        md.index("## Cross-task: trained on omniglot-5w1s (budget `paper`)")
+    assert md.count("| maml (trained on miniimagenet-5w1s) |") == 1
+    assert {r["trained_on"] for r in csv_rows(out, "kanji-5w1s")} == {"", "miniimagenet-5w1s", "omniglot-5w1s"}
+
+
+def test_results_without_trained_on_or_trained_on_their_own_task_are_same_task(lb):
+    out, results = lb
+    standard(results)
+    build([results], out)
+    assert "trained_on" not in (out / "kanji-5w1s.json").read_text()  # the files of old boards are unchanged
+    assert "trained_on" not in (out / "kanji-5w1s.csv").read_text().splitlines()[0]
+    assert "Cross-task" not in (out / "kanji-5w1s.md").read_text() + (out / "README.md").read_text()
+    for path in sorted(results.rglob("*.json")):  # all but seed 0 as ``metabench run`` now records them
+        doc = json.loads(path.read_text())
+        if doc["seed"] != 0:
+            doc["trained_on"] = {"task": doc["task"]["name"], "version": 1, "image_size": 28}
+            path.write_text(json.dumps(doc, indent=1))
+    assert check([results], out) == []  # byte-identical tables: old and new files still share rows
+    assert rows(out, "kanji-5w1s")[0]["seeds"] == [0, 1, 2]
+
+
+def test_summary_lists_cross_task_results_apart_from_the_matrix(lb):
+    out, results = lb
+    write_result(make_doc(spread(0.80), learner="maml"), results)
+    write_result(make_doc(spread(0.90), trained_on="omniglot-5w1s"), results)
+    write_result(make_doc(spread(0.70), task="kanji-5w5s", trained_on="omniglot-5w1s"), results)
+    build([results], out)
+    text = (out / "README.md").read_text()
+    matrix, listing = text.split("## Cross-task")
+    header = next(x for x in matrix.splitlines() if x.startswith("| learner"))
+    assert "kanji-5w1s" in header and "kanji-5w5s" not in header  # a task with cross-task results only: no column
+    assert "| maml | conv4 | **80.00 ± " in matrix and "| protonet |" not in matrix
+    ci = {m: fmt_mean_ci(m, summarize(spread(m)).ci95, "accuracy") for m in (0.9, 0.7)}
+    assert [x for x in listing.splitlines() if x.startswith("| omniglot-5w1s")] == [
+        f"| omniglot-5w1s | [kanji-5w1s](kanji-5w1s.md) | `quick` | protonet | conv4 | **{ci[0.9]}** |",
+        f"| omniglot-5w1s | [kanji-5w5s](kanji-5w5s.md) | `quick` | protonet | conv4 | **{ci[0.7]}** |"]
+
+
 def test_repository_published_numbers_load():
     from metabench.leaderboard import load_published
 
@@ -346,6 +442,26 @@ def test_publish_kanji_subset_hash_without_image_data(tmp_path):
     doc["task"]["episodes_sha256"] = episodes_sha256(eval_draws(protocol, source, protocol.eval_split, 7))
     with pytest.raises(MetabenchError, match="a different episode set"):
         publish([save(doc, tmp_path, "k7.json")], host, tmp_path / "results")
+
+
+def test_publish_keeps_a_cross_task_result_apart_from_the_same_task_run(tiny_only, tmp_path, capsys):
+    dest = tmp_path / "lb" / "results"
+    same = save(tiny_doc(), tmp_path / "runs", "same.json")
+    cross = save(tiny_doc(trained_on={"task": "other-3w2s", "version": 1, "image_size": 28}), tmp_path / "runs",
+                 "cross.json")
+    code, _, err = lb_cli(capsys, "publish", str(same), str(cross), "--to", str(dest))
+    assert code == 0, err
+    assert len(list(dest.rglob("*.json"))) == 2  # the same learner and seed: not a duplicate
+    code, _, err = lb_cli(capsys, "publish", str(cross), "--to", str(dest))  # the cross-task run again
+    assert code == 2 and "already holds seed 0" in one_error_line(err)
+    for bad, fragment in (({"task": "../x"}, "training task name '../x'"), ("other-3w2s", "trained_on must be")):
+        path = save(tiny_doc(trained_on=bad), tmp_path / "runs", "bad.json")
+        code, _, err = lb_cli(capsys, "publish", str(path), "--to", str(dest))
+        assert code == 2 and fragment in one_error_line(err)
+    assert len(list(dest.rglob("*.json"))) == 2
+    build([dest], tmp_path / "lb")
+    sections = board(tmp_path / "lb", "tiny-3w2s")["sections"]
+    assert [s["trained_on"] for s in sections] == [None, "other-3w2s"]
 
 
 # -- helpers ----------------------------------------------------------------------------------

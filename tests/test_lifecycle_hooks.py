@@ -243,7 +243,8 @@ def sine_run(tmp_path_factory) -> Path:
 
 def test_cli_run_writes_the_curve_beside_the_result(sine_run):
     curve = sine_run.with_name(sine_run.stem + ".curve.jsonl")
-    assert sorted(p.name for p in sine_run.parent.iterdir()) == sorted([sine_run.name, curve.name])  # no .partial
+    saved = json.loads(sine_run.read_text())["learner_file"]  # the trained learner, kept beside it
+    assert sorted(p.name for p in sine_run.parent.iterdir()) == sorted([sine_run.name, curve.name, saved])  # no .partial
     lines = [strict_json(l) for l in curve.read_text().splitlines()]
     assert len(lines) == 3 and all(l["phase"] == "meta-train" and l["total"] == 3 for l in lines)  # maml smoke: 3 steps
     last: dict[str, int] = {}

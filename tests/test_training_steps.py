@@ -138,5 +138,5 @@ def test_a_diverging_learner_is_reported_as_failing_with_phase_and_step():
             register("diverging", Diverging)
 
     host = host_with(("diverging", Plugin()), ("tiny", tiny_plugin()))
-    with pytest.raises(PluginFailed, match="diverging.*meta_train.*training loss is nan at meta-train step 2"):
+    with pytest.raises(PluginFailed, match="diverging.*diverged: the training loss is nan at meta-train step 2; no score is written"):
         execute(RunRequest(learner="diverging", task="tiny-3w2s", budget="smoke"), host)

@@ -148,6 +148,7 @@ class Baseline(Learner):
 
     name = "baseline"
     transductive = False
+    any_ways = True  # nothing it learns is tied to the number of classes of an episode
     Config = BaselineConfig
     cosine = False
     reference = "Chen, Liu, Kira, Wang & Huang. A Closer Look at Few-shot Classification. ICLR 2019."

@@ -118,6 +118,7 @@ class MatchingNet(Learner):
     """Matching Networks (Vinyals et al., NeurIPS 2016) on any registered backbone."""
 
     transductive = False
+    any_ways = True  # nothing it learns is tied to the number of classes of an episode
     Config = MatchingNetConfig
     paper_config = paper_config("matchingnet.toml")
     reference = ("Vinyals, Blundell, Lillicrap, Kavukcuoglu & Wierstra. "

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from metabench import ClassImageSource, EpisodeDraw, Learner, hookimpl, setting
+from metabench import AttributeState, ClassImageSource, EpisodeDraw, Learner, hookimpl, setting
 from metabench.episodic import optimizer_step
 
 from metabench.adaptation import adapt
@@ -406,6 +406,8 @@ class MTL(Learner):
         self.start_meta_training()
         ctx.track("meta_optimizer", self._opt)
         ctx.track("meta_scheduler", self._sched)
+        # the hard-task memory: which classes the latest meta-batches failed on
+        ctx.track("failure_classes", AttributeState(self, "failure_pool", "last_failures", "_meta_step"))
         for _ in ctx.steps("meta-train", c.meta_steps):
             self.meta_step(ctx)
 

@@ -65,6 +65,7 @@ class ProtoNet(Learner):
     """Prototypical Networks (Snell et al., NeurIPS 2017) on any registered backbone."""
 
     transductive = False
+    any_ways = True  # nothing it learns is tied to the number of classes of an episode
     Config = ProtoNetConfig
     reference = "Snell, Swersky & Zemel. Prototypical Networks for Few-shot Learning. NeurIPS 2017."
     paper_config = paper_config("protonet.toml")

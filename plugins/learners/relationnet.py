@@ -147,6 +147,7 @@ class RelationNet(Learner):
     """Relation Networks (Sung et al., CVPR 2018) on a registered backbone's feature maps."""
 
     transductive = False
+    any_ways = True  # nothing it learns is tied to the number of classes of an episode
     Config = RelationNetConfig
     paper_config = paper_config("relationnet.toml")
     reference = ("Sung, Yang, Zhang, Xiang, Torr & Hospedales. Learning to Compare: Relation Network "

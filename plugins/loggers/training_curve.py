@@ -5,7 +5,9 @@ Every progress report becomes one line ``{"phase", "step", "total", "seconds", <
 each line stays valid JSON). While the run trains, lines stream to the hidden file
 ``<out>/.<run_id>.curve.jsonl.partial`` (flushed every :data:`FLUSH_SECONDS`); once the result
 ``X.json`` is written, the partial file is renamed to ``X.curve.jsonl`` beside it (atomically).
-``metabench plot X.json`` draws it. A run that fails leaves its partial file (hidden) behind.
+``metabench plot X.json`` draws it. A run that fails leaves its partial file (hidden) behind; a
+run resumed with ``--resume`` keeps its run id, so it continues that file (dropping the lines of
+the steps after its checkpoint, which run again).
 
 Runs without an output folder (``RunInfo.out_dir`` None: ``execute`` called as a library)
 write nothing. State is kept per run, by ``run.run_id``.
@@ -44,14 +46,31 @@ def finite_or_none(value: Any) -> float | int | None:
     return number if math.isfinite(number) else None
 
 
-class CurveWriter:
-    """The open partial curve file of one run."""
+def lines_before(path: Path, phase: str, step: int) -> list[str]:
+    """The lines of a resumed run's partial curve that come before its first report in this process
+    (``phase``, ``step``): the steps after its last checkpoint, which run again, are dropped."""
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the process was killed mid-line
+            break
+        if record.get("phase") == phase and isinstance(record.get("step"), int) and record["step"] >= step:
+            break
+        kept.append(line + "\n")
+    return kept
 
-    def __init__(self, run: RunInfo):
+
+class CurveWriter:
+    """The open partial curve file of one run (a resumed run's continues the file it started)."""
+
+    def __init__(self, run: RunInfo, phase: str, step: int):
         self.run = run
         self.path = partial_path(run)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        earlier = lines_before(self.path, phase, step) if self.path.exists() else []
         self.file: TextIO = open(self.path, "w", encoding="utf-8")
+        self.file.writelines(earlier)
         self.last_flush = time.monotonic()
 
     def write(self, phase: str, step: int, total: int, metrics: dict[str, Any]) -> None:
@@ -84,7 +103,7 @@ def metabench_on_progress(run: RunInfo, phase: str, step: int, total: int, metri
         return
     writer = _WRITERS.get(run.run_id)
     if writer is None:
-        writer = _WRITERS[run.run_id] = CurveWriter(run)
+        writer = _WRITERS[run.run_id] = CurveWriter(run, phase, step)
     writer.write(phase, step, total, metrics)
 
 
@@ -93,3 +112,5 @@ def metabench_on_result(run: RunInfo, result: dict, path: Path) -> None:
     writer = _WRITERS.pop(run.run_id, None)
     if writer is not None:
         writer.finish(curve_path_for(path))
+    elif run.out_dir is not None and partial_path(run).exists():  # resumed after training: nothing new to add
+        os.replace(partial_path(run), curve_path_for(path))

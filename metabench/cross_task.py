@@ -1,0 +1,152 @@
+"""``metabench eval``: a saved learner evaluated on any task whose input it can take.
+
+Chen et al. 2019 ("A Closer Look at Few-shot Classification", section 4.4) test learners
+meta-trained on mini-ImageNet on CUB: a change of domain. Here any saved learner file can be
+scored on the fixed episodes of any registered task that fits it:
+
+- the same kind of problem (classification / regression) and the same number of image channels;
+- any shot and query count; another way count only where the learner says it can
+  (``Learner.any_ways``: metric learners, fine-tuned heads);
+- another image size: each episode's images are resized to the size the learner was trained on
+  (bilinear, antialiased; the result says so under ``resized``).
+
+The result is an ordinary result file of the test task, with ``trained_on`` naming the training
+task, so the leaderboard puts it in a section of its own.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .data import DataRoots
+from .episodes import eval_draws
+from .errors import MetabenchError
+from .evaluation import Scores, evaluate
+from .learner_file import read_learner_file, sha256_of
+from .plugins import PluginHost
+from .results import SCHEMA_VERSION
+from .runner import (NoProgress, Progress, RunPlan, RunRequest, build_learner, environment, git_commit,
+                     learner_version, prepare_split, resolve_device, task_section)
+from .stats import summarize
+from .task import Episode, Protocol
+
+RESIZE_MODE = "bilinear"
+
+
+def saved_config(cls, saved: dict, path: Path, name: str):
+    """The learner's Config from a file's settings; a setting this learner version lacks is refused."""
+    if not dataclasses.is_dataclass(cls.Config):
+        return cls.Config(**saved)
+    known = {f.name for f in dataclasses.fields(cls.Config)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        raise MetabenchError(f"{path}: saved setting(s) {', '.join(unknown)} are unknown to the installed learner "
+                             f"{name!r}; it may be another version of the plugin")
+    return cls.Config(**saved)
+
+
+def check_fits(doc: dict, cls, protocol: Protocol, path: Path) -> None:
+    """Refuse a task the saved learner cannot take, in one line naming why."""
+    trained = doc["task"]
+    name = doc["learner"]["name"]
+    if protocol.problem != trained["problem"] or protocol.problem not in cls.problem_types:
+        raise MetabenchError(f"{path}: {name} was trained on {trained['problem']} task {trained['name']!r}; "
+                             f"task {protocol.name!r} is {protocol.problem}")
+    if protocol.channels != trained["channels"]:
+        raise MetabenchError(f"{path}: {name} was trained on {trained['channels']}-channel inputs; task "
+                             f"{protocol.name!r} has {protocol.channels}")
+    if protocol.ways != trained["ways"] and not cls.any_ways:
+        raise MetabenchError(f"{path}: {name} was trained on {trained['ways']}-way episodes and cannot change its "
+                             f"way count; task {protocol.name!r} is {protocol.ways}-way (any shot count works)")
+    if protocol.problem != "classification" and protocol.image_size != trained["image_size"]:
+        raise MetabenchError(f"{path}: {name} was trained on inputs of size {trained['image_size']}; task "
+                             f"{protocol.name!r} has {protocol.image_size}")
+
+
+def resizer(size: int):
+    """Episode -> the episode with its images resized to ``size`` x ``size``."""
+    def resize(images: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(images, size=(size, size), mode=RESIZE_MODE, antialias=True, align_corners=False)
+
+    def transform(episode: Episode) -> Episode:
+        return dataclasses.replace(episode, support_x=resize(episode.support_x), query_x=resize(episode.query_x))
+
+    return transform
+
+
+def evaluate_saved(path: str | Path, host: PluginHost, task: str | None = None, episodes: int | None = None,
+                   device: str = "cpu", roots: DataRoots | None = None, progress: Progress | None = None) -> dict:
+    """Score the saved learner ``path`` on ``task`` (default: the one it was trained on); returns
+    the result document (not yet written)."""
+    path = Path(path)
+    doc = read_learner_file(path)
+    name, plugin = doc["learner"]["name"], doc["learner"]["plugin"]
+    if name not in host.learners:
+        raise MetabenchError(f"{path}: learner {name!r} (plugin {plugin!r}) is not installed here "
+                             "(see `metabench plugins`)")
+    entry = host.learners.get(name)
+    cls = entry.obj
+    protocol, source, task_plugin = host.task(task or doc["task"]["name"])
+    check_fits(doc, cls, protocol, path)
+    if episodes is not None and episodes < 1:
+        raise MetabenchError(f"--episodes {episodes}: must be a positive integer")
+    trained_size = int(doc["task"]["image_size"])
+    config = saved_config(cls, doc["learner"]["config"], path, name)
+    options = dict(doc["backbone"]["options"])
+    request = RunRequest(learner=name, task=protocol.name, backbone=doc["backbone"]["name"], seed=int(doc["seed"]),
+                         budget=str(doc["budget"]), episodes=episodes, device=device)
+    plan = RunPlan(request, entry, protocol, source, task_plugin, doc["backbone"]["name"], options, options, config,
+                   resolve_device(device), episodes or protocol.episodes)
+    progress = progress or NoProgress()
+    commit = git_commit()
+    source.set_roots(roots or DataRoots.from_settings())
+    prepare_split(source, protocol.eval_split, task_plugin, progress)
+    draws = eval_draws(protocol, source, protocol.eval_split, plan.episodes)
+
+    learner_protocol = dataclasses.replace(protocol, image_size=trained_size) \
+        if protocol.image_size != trained_size else protocol
+    torch.manual_seed(request.seed)
+    learner = build_learner(plan, host, image_size=trained_size, protocol=learner_protocol)
+    try:
+        learner.load_state_dict(doc["state"])
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise MetabenchError(f"{path}: the saved state does not fit learner {name!r} as installed: "
+                             f"{str(exc).splitlines()[0][:200]}") from None
+    resized = protocol.problem == "classification" and protocol.image_size != trained_size
+    scores = Scores(protocol.problem)
+    started = time.perf_counter()
+    evaluate(learner, protocol, source, protocol.eval_split, draws, plan.who, progress, plan.device, scores,
+             transform=resizer(trained_size) if resized else None)
+    eval_s = time.perf_counter() - started
+    per_step = scores.record()["per_step"]
+    trained = doc["task"]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "metabench_version": __version__,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "task": task_section(protocol, draws),
+        "learner": {"name": name, "plugin": entry.plugin, "version": learner_version(entry, host),
+                    "config": dataclasses.asdict(config), "transductive": bool(cls.transductive),
+                    "saved_with": {"plugin_version": doc["learner"].get("version"),
+                                   "metabench_version": doc.get("metabench_version")}},
+        "backbone": {"name": plan.backbone, "options": options, "out_features": learner.backbone.out_features,
+                     "parameters": sum(p.numel() for p in learner.backbone.module.parameters())},
+        "seed": request.seed,
+        "budget": request.budget,
+        "trained_on": {"task": trained["name"], "version": trained["version"], "image_size": trained_size,
+                       "learner_file": path.name, "learner_file_sha256": sha256_of(path)},
+        **({"resized": {"from": protocol.image_size, "to": trained_size, "mode": f"{RESIZE_MODE}, antialiased"}}
+           if resized else {}),
+        **({"validation": doc["validation"]} if doc.get("validation") else {}),
+        "per_episode": scores.per_episode,
+        "summary": summarize(scores.per_episode).to_dict(),
+        **({"per_step": per_step} if per_step is not None else {}),
+        "timing": {"meta_train_s": 0.0, "eval_s": round(eval_s, 3)},
+        "environment": environment(plan.device, commit),
+    }

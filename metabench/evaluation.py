@@ -1,0 +1,106 @@
+"""Scoring a learner on fixed episodes: the loop ``metabench run`` and ``metabench eval`` share.
+
+The harness materializes each episode, keeps its query labels, calls ``predict``, and scores the
+output (accuracy, or mean squared error for regression). It can start after the episodes an
+interrupted evaluation already scored, and it hands every scored episode to a callback (which
+keeps the progress on disk and stops the loop on Ctrl-C).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+
+from . import faults
+from .errors import PluginError
+from .learner import Learner
+from .results import PER_STEP_COUNTS
+from .task import Episode, EpisodeDraw, Protocol
+
+
+def score(protocol: Protocol, output: torch.Tensor, query_y: torch.Tensor, who: str) -> float:
+    """Accuracy (classification) or mean squared error (regression) of one episode's predictions."""
+    q = query_y.shape[0]
+    if protocol.problem == "classification":
+        expected = (q, protocol.ways)
+        if not isinstance(output, torch.Tensor) or tuple(output.shape) != expected:
+            got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise PluginError(f"{who}: predict returned {got}; expected logits of shape {expected}")
+        return (output.argmax(dim=1) == query_y).float().mean().item()
+    if not isinstance(output, torch.Tensor) or output.shape != query_y.shape:
+        got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise PluginError(f"{who}: predict returned {got}; expected predictions of shape {tuple(query_y.shape)}")
+    return torch.mean((output.double() - query_y.double()) ** 2).item()
+
+
+def metric_after_steps(learner: Learner, protocol: Protocol, episode: Episode, who: str, index: int) -> dict | None:
+    """The metric of one episode after each of :data:`~metabench.results.PER_STEP_COUNTS` test-time
+    steps (``{k: value}``, a non-finite value as None), for a learner that adapts by steps; None
+    when the learner has no step count to vary."""
+    try:
+        with torch.no_grad():
+            outputs = learner.predict_after_steps(episode.support_x, episode.support_y, episode.query_x,
+                                                  PER_STEP_COUNTS)
+    except Exception as exc:
+        raise PluginError(f"{who} failed in predict_after_steps (episode {index}): {type(exc).__name__}: {exc}") from exc
+    if outputs is None:
+        return None
+    if not isinstance(outputs, dict) or set(outputs) != set(PER_STEP_COUNTS):
+        got = sorted(outputs) if isinstance(outputs, dict) else type(outputs).__name__
+        raise PluginError(f"{who}: predict_after_steps returned {got}; expected a dict with keys "
+                          f"{list(PER_STEP_COUNTS)}")
+    values = {k: score(protocol, outputs[k], episode.query_y, who) for k in PER_STEP_COUNTS}
+    return {k: v if math.isfinite(v) else None for k, v in values.items()}
+
+
+class Scores:
+    """The per-episode metric so far, and (regression) the metric after 1, 5 and 10 test steps
+    until the learner says it has no step count (``per_step`` None from then on)."""
+
+    def __init__(self, problem: str, per_episode: list[float] | None = None, per_step: dict | None = None,
+                 started: bool = False):
+        self.per_episode = list(per_episode or [])
+        if started:  # continuing: keep what was recorded, None included
+            self.per_step = None if per_step is None else {int(k): list(v) for k, v in per_step.items()}
+        else:
+            self.per_step = {k: [] for k in PER_STEP_COUNTS} if problem == "regression" else None
+
+    def record(self) -> dict:
+        return {"per_episode": list(self.per_episode),
+                "per_step": None if self.per_step is None else {str(k): list(v) for k, v in self.per_step.items()}}
+
+
+def evaluate(learner: Learner, protocol: Protocol, source, split: str, draws: Sequence[EpisodeDraw], who: str,
+             progress, device: torch.device, scores: Scores,
+             transform: Callable[[Episode], Episode] | None = None,
+             after_episode: Callable[[int, Scores], None] | None = None) -> Scores:
+    """Score ``draws[len(scores.per_episode):]`` (the episodes not scored yet) into ``scores``.
+
+    transform: applied to each episode before ``predict`` (``metabench eval`` resizes images).
+    after_episode(i, scores): called once episode ``i`` is recorded.
+    """
+    progress.start("evaluate", len(draws))
+    for i in range(len(scores.per_episode), len(draws)):
+        episode = source.materialize(draws[i], split).to(device)
+        if transform is not None:
+            episode = transform(episode)
+        try:
+            with torch.no_grad():
+                output = learner.predict(episode.support_x, episode.support_y, episode.query_x)
+        except Exception as exc:
+            raise PluginError(f"{who} failed in predict (episode {i}): {type(exc).__name__}: {exc}") from exc
+        value = score(protocol, output, episode.query_y, who)
+        after = metric_after_steps(learner, protocol, episode, who, i) if scores.per_step is not None else None
+        faults.kill_point(f"evaluate:{i}")
+        scores.per_episode.append(value)
+        if scores.per_step is not None:
+            if after is None:
+                scores.per_step = None
+            else:
+                for k, v in after.items():
+                    scores.per_step[k].append(v)
+        progress.update("evaluate", i + 1, mean=sum(scores.per_episode) / len(scores.per_episode))
+        if after_episode is not None:
+            after_episode(i, scores)
+    return scores
