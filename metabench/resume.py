@@ -144,6 +144,8 @@ class RunFolder:
         difference = identity_difference(self.identity(), identity)
         if difference:
             raise MetabenchError(f"--resume: {self.path} is another run: {difference}")
+        for stale in self.path.glob(".*.tmp"):  # a write the killed process never finished
+            stale.unlink(missing_ok=True)
         files = self.checkpoints.files()
         if not files:
             return {}  # interrupted before its first checkpoint: start from the beginning

@@ -86,6 +86,12 @@ def flat_state(out: Path) -> dict[str, torch.Tensor]:
     return flat
 
 
+def curve(out: Path) -> list[tuple]:
+    """The training curve without its clock: (phase, step, loss) of every line."""
+    (path,) = out.glob("*.curve.jsonl")
+    return [(p["phase"], p["step"], p.get("loss")) for p in map(json.loads, path.read_text().splitlines())]
+
+
 def same_state(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -100,7 +106,7 @@ def uninterrupted(tmp_path_factory):
             out = tmp_path_factory.mktemp(f"full-{learner}")
             proc = subprocess_run(args(learner, out))
             assert proc.returncode == 0, proc.stderr[-2000:]
-            cache[learner] = (result(out), flat_state(out))
+            cache[learner] = (result(out), flat_state(out), curve(out))
         return cache[learner]
 
     return get
@@ -114,7 +120,7 @@ def uninterrupted(tmp_path_factory):
     ("mtl", "kill@pre-train:4"), ("mtl", "kill@meta-train:4"), ("mtl", "kill@evaluate:3"),
 ])
 def test_sigkill_then_resume_equals_an_uninterrupted_run(capsys, tmp_path, uninterrupted, learner, fault):
-    full, full_state = uninterrupted(learner)
+    full, full_state, full_curve = uninterrupted(learner)
     killed = subprocess_run(args(learner, tmp_path), fault)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not list(tmp_path.glob("*.json"))  # no result from the killed run
@@ -124,17 +130,19 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(capsys, tmp_path, unint
     resumed = result(tmp_path)
     assert resumed["per_episode"] == full["per_episode"]
     assert same_state(flat_state(tmp_path), full_state)
+    assert curve(tmp_path) == full_curve  # the curve continued where the checkpoint was: each step once
     phase = fault.split("@")[1].split(":")[0]
     assert resumed["resumed"] and (phase in resumed["resumed"][-1] or "evaluation" in resumed["resumed"][-1])
     assert not (tmp_path / "checkpoints").exists()  # a finished run keeps no checkpoints
 
 
 def test_a_kill_while_writing_a_checkpoint_resumes_from_the_one_before(capsys, tmp_path, uninterrupted):
-    full, full_state = uninterrupted("protonet")
+    full, _, _ = uninterrupted("protonet")
     killed = subprocess_run(args("protonet", tmp_path), "kill@checkpoint:2")
     assert killed.returncode == -signal.SIGKILL
     (folder,) = (tmp_path / "checkpoints").iterdir()
     assert [p.name for p in CheckpointFolder(folder).files()] == ["checkpoint-000001.pt"]
+    assert list(folder.glob(".checkpoint-000002.pt.*.tmp"))  # the write it did not finish
     code, err = cli(capsys, *args("protonet", tmp_path), "--resume")
     assert code == 0, err
     assert result(tmp_path)["per_episode"] == full["per_episode"]
@@ -142,7 +150,7 @@ def test_a_kill_while_writing_a_checkpoint_resumes_from_the_one_before(capsys, t
 
 
 def test_an_outside_sigkill_at_any_moment_resumes_identically(capsys, tmp_path, uninterrupted):
-    full, _ = uninterrupted("maml")
+    full, _, _ = uninterrupted("maml")
     argv = args("maml", tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "metabench.cli", *argv], env=env(), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -161,7 +169,7 @@ def test_an_outside_sigkill_at_any_moment_resumes_identically(capsys, tmp_path, 
 
 
 def test_ctrl_c_writes_a_checkpoint_and_says_how_to_continue(capsys, tmp_path, uninterrupted):
-    full, _ = uninterrupted("protonet")
+    full, _, _ = uninterrupted("protonet")
     argv = args("protonet", tmp_path)
     i = argv.index("meta_steps=6")
     argv[i] = "meta_steps=400"  # long enough to be interrupted
@@ -198,6 +206,9 @@ def test_a_fresh_run_will_not_overwrite_an_unfinished_one(capsys, tmp_path):
     (["--seed", "3"], "seed 0 in the checkpoint, 3 now"),
     (["--budget", "quick"], "budget 'smoke' in the checkpoint, 'quick' now"),
     (["--set", "backbone.width=32"], "backbone options"),
+    (["--task", "kanji-5w5s"], "task 'kanji-5w1s (version 2)' in the checkpoint, 'kanji-5w5s (version 2)' now"),
+    (["--backbone", "resnet12"], "backbone 'conv4' in the checkpoint, 'resnet12' now"),
+    (["--episodes", "5"], "episodes 6 in the checkpoint, 5 now"),
 ])
 def test_a_resume_of_another_run_is_refused_naming_the_difference(capsys, tmp_path, change, fragment):
     subprocess_run(args("protonet", tmp_path), "kill@meta-train:5")

@@ -182,6 +182,11 @@ def test_validation_keeps_the_best_state_and_does_not_change_training(capsys, tm
     losses = [(p["step"], p["loss"]) for p in curve if p["phase"] == "meta-train"]
     assert losses == [(p["step"], p["loss"]) for p in plain_curve if p["phase"] == "meta-train"]
     assert [p["step"] for p in curve if p["phase"] == "validation"] == [2, 4, 6]
+    assert [p["acc"] for p in curve if p["phase"] == "validation"] == [p["value"] for p in v["curve"]]
+    result_path = next((tmp_path / "val").glob("*.json"))
+    code, _, err = cli(capsys, "plot", str(result_path), "--out", str(tmp_path / "curve.svg"))
+    assert code == 0, err
+    assert "validation" in (tmp_path / "curve.svg").read_text()  # drawn with the training curve
     # the saved learner is the tested (best) state: evaluating it again scores the same
     code, _, err = cli(capsys, "eval", str(saved), "--episodes", "8", "--out", str(tmp_path / "eval"))
     assert code == 0, err
@@ -232,4 +237,8 @@ def test_paper_configs_say_when_the_paper_selected_on_validation():
                               validation={"every": 0}), host)
     assert plan.validation is None  # --validate-every 0 turns it off
     plan = prepare(RunRequest(learner="maml", task="omniglot-5w1s", budget="paper"), host)
-    assert plan.validation is None
+    assert plan.validation is None  # Finn et al. test the final state
+    plan = prepare(RunRequest(learner="mtl", task="miniimagenet-5w1s", budget="paper"), host)
+    assert plan.validation is not None and plan.validation.phase == "meta-train"
+    plan = prepare(RunRequest(learner="protonet", task="omniglot-5w1s", budget="quick"), host)
+    assert plan.validation is None  # paper configs apply at budget paper only

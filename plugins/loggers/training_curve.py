@@ -3,7 +3,8 @@
 Every progress report becomes one line ``{"phase", "step", "total", "seconds", <metrics>...}``
 (``seconds`` since the run started; a metric that is not a finite number is written as null, so
 each line stays valid JSON). While the run trains, lines stream to the hidden file
-``<out>/.<run_id>.curve.jsonl.partial`` (flushed every :data:`FLUSH_SECONDS`); once the result
+``<out>/.<run_id>.curve.jsonl.partial`` (each line handed to the OS as it is written, so a killed
+process loses none: a resumed run needs them up to its checkpoint); once the result
 ``X.json`` is written, the partial file is renamed to ``X.curve.jsonl`` beside it (atomically).
 ``metabench plot X.json`` draws it. A run that fails leaves its partial file (hidden) behind; a
 run resumed with ``--resume`` keeps its run id, so it continues that file (dropping the lines of
@@ -24,8 +25,6 @@ from typing import Any, TextIO
 from metabench import RunInfo, hookimpl
 from metabench.curves import FIXED_KEYS, curve_path_for
 
-#: Longest time, in seconds, a written line may wait in the buffer before it is flushed.
-FLUSH_SECONDS = 2.0
 
 
 def partial_path(run: RunInfo) -> Path:
@@ -69,9 +68,8 @@ class CurveWriter:
         self.path = partial_path(run)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         earlier = lines_before(self.path, phase, step) if self.path.exists() else []
-        self.file: TextIO = open(self.path, "w", encoding="utf-8")
+        self.file: TextIO = open(self.path, "w", encoding="utf-8", buffering=1)  # line buffered
         self.file.writelines(earlier)
-        self.last_flush = time.monotonic()
 
     def write(self, phase: str, step: int, total: int, metrics: dict[str, Any]) -> None:
         record: dict[str, Any] = {"phase": str(phase), "step": int(step), "total": int(total),
@@ -80,9 +78,6 @@ class CurveWriter:
             if str(name) not in FIXED_KEYS:
                 record[str(name)] = finite_or_none(value)
         self.file.write(json.dumps(record, allow_nan=False) + "\n")
-        if time.monotonic() - self.last_flush >= FLUSH_SECONDS:
-            self.file.flush()
-            self.last_flush = time.monotonic()
 
     def finish(self, target: Path) -> Path:
         """Flush, sync and close the partial file, then rename it to ``target``."""
