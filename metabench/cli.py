@@ -96,8 +96,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="folder for the result JSON (default ./metabench-results/)")
     add_data_root(ev)
 
+    sw = sub.add_parser("sweep", help="run a grid of runs (learners x tasks x seeds x budgets x variants) through a "
+                                      "launcher plugin: local, slurm (submitit), ray")
+    sw.add_argument("grid", nargs="?", metavar="GRID.toml", help="grid file ([grid] and [launcher] tables)")
+    sw.add_argument("--learners", help="comma-separated learners (instead of a grid file)")
+    sw.add_argument("--tasks", help=f"comma-separated tasks (default {DEFAULTS['task']})")
+    sw.add_argument("--seeds", help="comma-separated seeds (default 0)")
+    sw.add_argument("--budgets", help="comma-separated budgets (default quick)")
+    sw.add_argument("--episodes", type=int, help="the first N fixed episodes of every cell")
+    sw.add_argument("--launcher", help="launcher plugin (default local; see `metabench list launchers`)")
+    sw.add_argument("--option", dest="launcher_options", action="append", default=[], metavar="KEY=VALUE",
+                    help="a launcher option, e.g. workers=2 (repeatable)")
+    sw.add_argument("--out", help="folder of the results (default ./metabench-results/)")
+
     lst = sub.add_parser("list", help="list registered learners, tasks or backbones")
-    lst.add_argument("kind", nargs="?", choices=("learners", "tasks", "backbones"), help="what to list (default: all)")
+    lst.add_argument("kind", nargs="?", choices=("learners", "tasks", "backbones", "launchers"),
+                     help="what to list (default: all)")
 
     sub.add_parser("plugins", help="list loaded plugins with distribution, version and hooks")
 
@@ -180,6 +194,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .malloc import tune_glibc_malloc
     from .results import write_result
     from .resume import CheckpointInterval
+    from .distributed import init_world, shutdown
     from .runner import RunControl, RunRequest, execute, finish, prepare
 
     tune_glibc_malloc()  # freed blocks stay in the heap, no page faults for them again (metabench/malloc.py)
@@ -202,22 +217,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     for key, value in (("every", args.validate_every), ("episodes", args.validation_episodes)):
         if value is not None:
             validation = {**(validation or {}), key: value}
-    request = RunRequest(data_roots=data_roots(args, toml), learner=args.learner, task=opts["task"], backbone=opts["backbone"], seed=int(opts["seed"]),
-                         budget=opts["budget"], episodes=opts["episodes"], device=opts["device"],
-                         learner_layers=layers, backbone_options=backbone_options, validation=validation)
-    control = RunControl(out_dir, resume=args.resume, checkpoint_every=CheckpointInterval.parse(opts["checkpoint_every"]),
-                         save_learner=not args.no_save)
-    host = _host()
-    plan = prepare(request, host)  # refuse bad input before any progress bar is drawn
-    control.open(plan)  # a resume finds its checkpoint (or is refused) before any progress bar too
-    run = RunInfo.start(request.learner, plan.protocol.name, plan.backbone, request.seed, request.budget, out_dir,
-                        run_id=control.run_id, elapsed=control.elapsed)
-    columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
-    with Progress(*columns, console=err, transient=False) as bars:
-        doc = execute(plan, host, RichProgress(bars), run, control)
-    path = write_result(doc, out_dir)
-    finish(plan, control)
+    world = init_world(str(opts["device"]))  # torchrun: join its process group (one process: nothing to do)
+    try:
+        device = opts["device"]
+        if world.active and device == "cuda":
+            device = f"cuda:{world.local_rank}"
+        request = RunRequest(data_roots=data_roots(args, toml), learner=args.learner, task=opts["task"],
+                             backbone=opts["backbone"], seed=int(opts["seed"]), budget=opts["budget"],
+                             episodes=opts["episodes"], device=device, learner_layers=layers,
+                             backbone_options=backbone_options, validation=validation)
+        control = RunControl(out_dir, resume=args.resume,
+                             checkpoint_every=CheckpointInterval.parse(opts["checkpoint_every"]),
+                             save_learner=not args.no_save, world=world)
+        host = _host()
+        plan = prepare(request, host)  # refuse bad input before any progress bar is drawn
+        control.open(plan)  # a resume finds its checkpoint (or is refused) before any progress bar too
+        if not world.is_main:  # rank 0 reports and writes; the others compute their share
+            execute(plan, host, None, RunInfo.start(request.learner, plan.protocol.name, plan.backbone,
+                                                    request.seed, request.budget), control)
+            return 0
+        run = RunInfo.start(request.learner, plan.protocol.name, plan.backbone, request.seed, request.budget, out_dir,
+                            run_id=control.run_id, elapsed=control.elapsed)
+        columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+        with Progress(*columns, console=err, transient=False) as bars:
+            doc = execute(plan, host, RichProgress(bars), run, control)
+        path = write_result(doc, out_dir)
+        finish(plan, control)
+    finally:
+        shutdown(world)
     try:
         host.on_result(run, doc, path)
     except PluginError as exc:
@@ -225,6 +253,67 @@ def cmd_run(args: argparse.Namespace) -> int:
     out.print(result_table(doc))
     out.print(f"result: {path}", markup=False, soft_wrap=True)
     return 0
+
+
+def _launcher_option(text: str):
+    """``KEY=VALUE`` with VALUE read as TOML where it parses (2, true, "x"), else as text."""
+    import tomllib
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise MetabenchError(f"--option {text!r}: expected KEY=VALUE (e.g. --option workers=2)")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return key.strip(), parsed
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import grid_from_table, read_grid, summary_lines
+
+    if args.grid and args.learners:
+        raise MetabenchError("give a grid file or --learners, not both")
+    if args.grid:
+        grid = read_grid(args.grid)
+    elif args.learners:
+        def listed(text: str | None, default: list, kind=str) -> list:
+            if text is None:
+                return default
+            try:
+                return [kind(x.strip()) for x in text.split(",") if x.strip()]
+            except ValueError:
+                raise MetabenchError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+        table = {"learners": listed(args.learners, []), "tasks": listed(args.tasks, [DEFAULTS["task"]]),
+                 "seeds": listed(args.seeds, [0], int), "budgets": listed(args.budgets, ["quick"])}
+        if args.episodes is not None:
+            table["episodes"] = args.episodes
+        grid = grid_from_table(table, {}, "command line")
+    else:
+        raise MetabenchError("metabench sweep needs a grid file (GRID.toml) or --learners NAME,...")
+    launcher_table = dict(grid.launcher)
+    name = args.launcher or launcher_table.pop("name", "local")
+    launcher_table.pop("name", None)
+    launcher_table.update(dict(_launcher_option(o) for o in args.launcher_options))
+    out_dir = Path(args.out or grid.out or DEFAULTS["out"])
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MetabenchError(f"--out {out_dir}: exists and is not a folder")
+    host = _host()
+    from .sweep import check_cells
+
+    check_cells(grid.cells, host)
+    entry = host.launchers.get(name)
+    try:
+        launcher = entry.obj(launcher_table)
+    except MetabenchError as exc:
+        raise MetabenchError(f"launcher {name!r}: {exc}") from None
+    outcomes = []
+    launcher.run(grid.cells, out_dir, outcomes.append)
+    lines = summary_lines(outcomes)
+    for line in lines:
+        out.print(line, markup=False, soft_wrap=True)
+    failed = sum(o.status == "failed" for o in outcomes)
+    return 1 if failed else 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -267,7 +356,7 @@ def result_table(doc: dict) -> Table:
 
 def cmd_list(args: argparse.Namespace) -> int:
     host = _host()
-    kinds = [args.kind] if args.kind else ["learners", "tasks", "backbones"]
+    kinds = [args.kind] if args.kind else ["learners", "tasks", "backbones", "launchers"]
     if "learners" in kinds:
         table = make_table("learners", "name", "plugin", "problems", "transductive", "backbone", "reference")
         for e in host.learners:
@@ -290,6 +379,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         table = make_table("backbones", "name", "plugin", "description")
         for e in host.backbones:
             table.add_row(e.name, e.plugin, (e.obj.__doc__ or "").strip().splitlines()[0] if e.obj.__doc__ else "")
+        out.print(table)
+    if "launchers" in kinds:
+        table = make_table("sweep launchers", "name", "plugin", "options")
+        for e in host.launchers:
+            table.add_row(e.name, e.plugin, ", ".join(sorted(e.obj.options)))
         out.print(table)
     return 0
 
@@ -409,7 +503,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"eval": cmd_eval, "leaderboard": cmd_leaderboard, "publish": cmd_publish, "data": cmd_data, "run": cmd_run, "list": cmd_list, "plugins": cmd_plugins, "episodes": cmd_episodes, "compare": cmd_compare, "plot": cmd_plot}
+COMMANDS = {"sweep": cmd_sweep, "eval": cmd_eval, "leaderboard": cmd_leaderboard, "publish": cmd_publish, "data": cmd_data, "run": cmd_run, "list": cmd_list, "plugins": cmd_plugins, "episodes": cmd_episodes, "compare": cmd_compare, "plot": cmd_plot}
 
 if __name__ == "__main__":
     sys.exit(main())

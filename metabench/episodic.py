@@ -17,11 +17,14 @@ EpisodeLoss = Callable[[Episode], "tuple[torch.Tensor, torch.Tensor]"]
 
 def train_on_episodes(ctx: TrainContext, parameters: Iterable[torch.nn.Parameter], episode_loss: EpisodeLoss, *,
                       steps: int, lr: float, ways: int, shots: int, queries: int, lr_step: int = 0,
-                      lr_gamma: float = 0.5, weight_decay: float = 0.0) -> None:
-    """Minimise ``episode_loss`` over ``steps`` training episodes, one Adam step each.
+                      lr_gamma: float = 0.5, weight_decay: float = 0.0, episodes_per_step: int = 1) -> None:
+    """Minimise ``episode_loss`` over ``steps`` training steps, one Adam step each.
 
-    Episode ``t`` is ``ctx.sampler.sample(ways=ways, shots=shots, queries=queries)``; the learning
-    rate is multiplied by ``lr_gamma`` every ``lr_step`` episodes (0 = constant). The caller puts
+    Step ``t`` takes the next ``episodes_per_step`` episodes of
+    ``ctx.sampler.sample(ways=ways, shots=shots, queries=queries)`` and minimises their mean loss
+    (one episode: its loss, as the papers train); under torchrun each process computes its share
+    of them (``ctx.shard``) and the harness averages the gradients. The learning rate is
+    multiplied by ``lr_gamma`` every ``lr_step`` steps (0 = constant). The caller puts
     its modules in training mode first. Progress is reported after every step with the episode's
     loss and query accuracy. The optimiser (and scheduler) are tracked by ``ctx``; the caller
     tracks its own modules.
@@ -29,10 +32,33 @@ def train_on_episodes(ctx: TrainContext, parameters: Iterable[torch.nn.Parameter
     opt = ctx.track("optimizer", torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay))
     sched = ctx.track("scheduler", torch.optim.lr_scheduler.StepLR(opt, step_size=lr_step, gamma=lr_gamma)) \
         if lr_step else None
+    world = ctx.world
+    replay = None
+    if world is not None and world.active:  # BatchNorm running statistics as one process would have them
+        from .distributed import RunningStatsReplay
+
+        replay = RunningStatsReplay([m for m in ctx.tracked.values() if isinstance(m, torch.nn.Module)], world)
+    try:
+        _episode_steps(ctx, opt, sched, episode_loss, steps, ways, shots, queries, episodes_per_step, replay)
+    finally:
+        if replay is not None:
+            replay.close()
+
+
+def _episode_steps(ctx, opt, sched, episode_loss, steps, ways, shots, queries, episodes_per_step, replay) -> None:
     for _ in ctx.steps("meta-train", steps):
-        episode = ctx.sampler.sample(ways=ways, shots=shots, queries=queries)
-        loss, scores = episode_loss(episode)
-        optimizer_step(ctx, opt, loss, scores, episode.query_y, sched)
+        episodes = ctx.shard([ctx.sampler.sample(ways=ways, shots=shots, queries=queries)
+                              for _ in range(episodes_per_step)], "episodes")
+        if len(episodes) == 1:
+            loss, scores = episode_loss(episodes[0])
+            labels = episodes[0].query_y
+        else:
+            losses, all_scores = zip(*(episode_loss(e) for e in episodes))
+            loss, scores = torch.stack(losses).mean(), torch.cat(all_scores)
+            labels = torch.cat([e.query_y for e in episodes])
+        optimizer_step(ctx, opt, loss, scores, labels, sched)
+        if replay is not None:  # after backward: autograd keeps the running statistics' versions
+            replay.sync(len(episodes))
 
 
 def optimizer_step(ctx: TrainContext, opt: torch.optim.Optimizer, loss: torch.Tensor, scores: torch.Tensor,

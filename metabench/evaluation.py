@@ -74,12 +74,17 @@ class Scores:
 def evaluate(learner: Learner, protocol: Protocol, source, split: str, draws: Sequence[EpisodeDraw], who: str,
              progress, device: torch.device, scores: Scores,
              transform: Callable[[Episode], Episode] | None = None,
-             after_episode: Callable[[int, Scores], None] | None = None) -> Scores:
+             after_episode: Callable[[int, Scores], None] | None = None, world=None) -> Scores:
     """Score ``draws[len(scores.per_episode):]`` (the episodes not scored yet) into ``scores``.
 
     transform: applied to each episode before ``predict`` (``metabench eval`` resizes images).
     after_episode(i, scores): called once episode ``i`` is recorded.
+    world: a torchrun run (metabench.distributed.World) shares the episodes out by index and
+    gathers them in episode order (``after_episode`` is then not called).
     """
+    if world is not None and world.active:
+        return _evaluate_sharded(learner, protocol, source, split, draws, who, progress, device, scores, transform,
+                                 world)
     progress.start("evaluate", len(draws))
     for i in range(len(scores.per_episode), len(draws)):
         episode = source.materialize(draws[i], split).to(device)
@@ -103,4 +108,38 @@ def evaluate(learner: Learner, protocol: Protocol, source, split: str, draws: Se
         progress.update("evaluate", i + 1, mean=sum(scores.per_episode) / len(scores.per_episode))
         if after_episode is not None:
             after_episode(i, scores)
+    return scores
+
+
+def _evaluate_sharded(learner, protocol, source, split, draws, who, progress, device, scores, transform, world):
+    """Episode ``i`` on rank ``i mod N``; every rank gets all values, in episode order."""
+    from .distributed import gather_by_index
+
+    start = len(scores.per_episode)
+    mine = [i for i in range(start, len(draws)) if i % world.size == world.rank]
+    progress.start("evaluate", len(mine))
+    local: dict[int, tuple] = {}
+    for n, i in enumerate(mine, 1):
+        episode = source.materialize(draws[i], split).to(device)
+        if transform is not None:
+            episode = transform(episode)
+        try:
+            with torch.no_grad():
+                output = learner.predict(episode.support_x, episode.support_y, episode.query_x)
+        except Exception as exc:
+            raise PluginError(f"{who} failed in predict (episode {i}): {type(exc).__name__}: {exc}") from exc
+        value = score(protocol, output, episode.query_y, who)
+        after = metric_after_steps(learner, protocol, episode, who, i) if scores.per_step is not None else None
+        local[i] = (value, after)
+        progress.update("evaluate", n)
+    merged = gather_by_index(local, world)
+    for i in range(start, len(draws)):
+        value, after = merged[i]
+        scores.per_episode.append(value)
+        if scores.per_step is not None:
+            if after is None:
+                scores.per_step = None
+            else:
+                for k, v in after.items():
+                    scores.per_step[k].append(v)
     return scores

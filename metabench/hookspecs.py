@@ -30,6 +30,11 @@ def metabench_register_tasks(register):
 
 
 @hookspec
+def metabench_register_launchers(register):
+    """Register sweep launchers: ``register(name: str, launcher_class: type[metabench.sweep.Launcher])``."""
+
+
+@hookspec
 def metabench_on_progress(run, phase, step, total, metrics):
     """Every training progress report: ``step`` of ``total`` in ``phase`` ("meta-train", ...), ``metrics`` {"loss": ...}."""
 

@@ -105,6 +105,24 @@ class TrainContext:
     current: int = 0
     harness_steps: bool = False  # the learner used :meth:`steps`
     hooks: StepHooks = field(default_factory=StepHooks)
+    #: this process's place in a torchrun run (metabench.distributed); one process by default
+    world: Any = None
+
+    def shard(self, items: Sequence, what: str = "tasks") -> list:
+        """This process's share of a meta-batch (all of it in a one-process run): every N-th item of
+        ``items`` from this rank, N the number of processes. Every rank draws the same meta-batch;
+        the harness averages the gradients over ranks before the optimiser steps. The count must be
+        a multiple of N (else the run is refused with one line)."""
+        from .distributed import SINGLE, shard
+
+        return shard(items, self.world or SINGLE, what)
+
+    def unshard(self, local: Sequence) -> list:
+        """Every rank's per-item results of :meth:`shard`'s share, in the meta-batch's order (a
+        learner whose next step depends on all tasks' outcomes, e.g. MTL's hard tasks)."""
+        from .distributed import SINGLE, unshard
+
+        return unshard(local, self.world or SINGLE)
 
     def pooled_train(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All training images (uint8 [N, C, H, W]) and their class labels (int64 [N])."""
@@ -146,16 +164,20 @@ class TrainContext:
         as a float."""
         value = loss.item() if isinstance(loss, torch.Tensor) else float(loss)
         value = faults.loss_value(f"{self.phase}:{self.current}", value)
-        where = f"{self.phase or 'training'} step {self.current}"
-        if not math.isfinite(value):
-            raise TrainingDiverged(f"the training loss is {value} at {where}")
         if parameters is None:
             parameters = [] if optimizer is None else [p for g in optimizer.param_groups for p in g["params"]]
         grads = [p for p in parameters if p.grad is not None]
+        if self.world is not None and self.world.active:  # every rank sees the same loss and gradients
+            from .distributed import average_value
+
+            value = average_value(value, self.world, self.device)
+        self.gradient_hook(grads)  # before the checks: a NaN on one rank reaches all, and all stop
+        where = f"{self.phase or 'training'} step {self.current}"
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"the training loss is {value} at {where}")
         if grads and not bool(torch.stack([torch.isfinite(p.grad).all() for p in grads]).all()):
             raise TrainingDiverged(f"a gradient is not finite at {where}")
         faults.kill_point(f"{self.phase}:{self.current}")
-        self.gradient_hook(grads)
         if optimizer is not None:
             optimizer.step()
         if scheduler is not None:
@@ -196,6 +218,10 @@ class Learner(abc.ABC):
     #: True if a trained learner can be tested on episodes with another number of ways than it
     #: was trained on (metric learners, fine-tuned heads); ``metabench eval`` refuses it otherwise.
     any_ways: ClassVar[bool] = False
+    #: True if its training steps take ``ctx.shard(meta_batch)`` and leave the optimiser step to
+    #: ``ctx.step`` (so gradients can be averaged over processes): ``torchrun`` may run it on
+    #: several processes. Others are refused there with one line.
+    splits_meta_batch: ClassVar[bool] = False
 
     def __init__(self, config: Any, backbone: Backbone, protocol: Protocol, device: torch.device):
         """Checks a dataclass ``config`` against its fields' declarations (:func:`metabench.check_settings`:

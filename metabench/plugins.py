@@ -86,6 +86,7 @@ class PluginHost:
         self.learners: Registry[type[Learner]] = Registry("learner")
         self.backbones: Registry[Callable[..., Backbone]] = Registry("backbone")
         self.tasks: Registry[Protocol] = Registry("task")
+        self.launchers: Registry[type] = Registry("launcher")
         self.plugins: dict[str, PluginInfo] = {}
         self.errors: list[str] = []
         sources = discover() if sources is None else sources
@@ -147,6 +148,7 @@ class PluginHost:
             "metabench_register_backbones": self._add_backbone,
             "metabench_register_tasks": self._add_task,
             "metabench_register_learners": self._add_learner,
+            "metabench_register_launchers": self._add_launcher,
         }
         for hook_name, add in collectors.items():
             for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
@@ -169,7 +171,8 @@ class PluginHost:
                                 f"{type(exc).__name__}: {_one_line(exc)}")
             return
         for entry in staged:
-            registry = {"learner": self.learners, "backbone": self.backbones, "task": self.tasks}[entry.extra["kind"]]
+            registry = {"learner": self.learners, "backbone": self.backbones, "task": self.tasks,
+                        "launcher": self.launchers}[entry.extra["kind"]]
             try:
                 registry.add(entry)
             except PluginError as exc:
@@ -190,6 +193,18 @@ class PluginHost:
         if problems:
             raise PluginError(f"learner {name!r} is invalid: {'; '.join(problems)}")
         return Entry(name, cls, plugin, {"kind": "learner"})
+
+    def _add_launcher(self, plugin: str, args: tuple, kwargs: dict) -> Entry:
+        from .sweep import Launcher
+
+        bound = self._bind(plugin, "register(name, launcher_class)", lambda name, launcher_class: None, args, kwargs)
+        name, cls = bound.arguments["name"], bound.arguments["launcher_class"]
+        _check_name(name, "launcher")
+        if not (isinstance(cls, type) and issubclass(cls, Launcher)):
+            raise PluginError(f"launcher {name!r} must be a subclass of metabench.sweep.Launcher, got {cls!r}")
+        if not isinstance(getattr(cls, "options", None), dict):
+            raise PluginError(f"launcher {name!r}: options must be a dict of option name -> description")
+        return Entry(name, cls, plugin, {"kind": "launcher"})
 
     def _add_backbone(self, plugin: str, args: tuple, kwargs: dict) -> Entry:
         bound = self._bind(plugin, "register(name, factory)", lambda name, factory: None, args, kwargs)

@@ -26,6 +26,7 @@ from .lifecycle import RunInfo
 from .plugins import PluginHost
 from .results import SCHEMA_VERSION
 from .checkpoint import set_rng_state
+from .distributed import SINGLE, World, average_gradients, broadcast_state
 from .resume import CheckpointInterval, EvaluationProgress, RunFolder, RunInterrupted, TrainingState, run_folder_name
 from .settings import check_settings
 from .stats import summarize
@@ -88,6 +89,8 @@ class RunControl:
     resume: bool = False
     checkpoint_every: CheckpointInterval = field(default_factory=lambda: CheckpointInterval.parse("5m"))
     save_learner: bool = True
+    #: this process's place in a torchrun run (metabench.distributed.World); one process by default
+    world: World = field(default_factory=lambda: SINGLE)
     # filled by open(): the run's folder and what a resume continues from
     folder: RunFolder | None = field(default=None, init=False)
     resume_doc: dict = field(default_factory=dict, init=False)
@@ -314,9 +317,14 @@ def execute(plan: RunPlan | RunRequest, host: PluginHost, progress: Progress | N
     commit = git_commit()  # the code that runs, read before the working tree can change under a long run
 
     identity = run_identity(plan)
+    world = control.world
+    if world.active and not entry.obj.splits_meta_batch:
+        raise MetabenchError(f"{who} cannot split its training steps across processes (it does not declare "
+                             f"splits_meta_batch); run it without torchrun")
     control.open(plan)
-    folder, resume_doc = control.folder, control.resume_doc
-    eval_progress = EvaluationProgress(folder, identity, control.checkpoint_every)
+    resume_doc = control.resume_doc
+    folder = control.folder if world.is_main else None  # rank 0 alone writes
+    eval_progress = EvaluationProgress(folder if not world.active else None, identity, control.checkpoint_every)
 
     source.set_roots(request.data_roots or DataRoots.from_settings())
     splits = ("train", protocol.eval_split) + (("val",) if plan.validation else ())
@@ -327,6 +335,7 @@ def execute(plan: RunPlan | RunRequest, host: PluginHost, progress: Progress | N
     torch.manual_seed(request.seed)
     generator = torch.Generator().manual_seed(request.seed)
     learner = build_learner(plan, host)
+    broadcast_state(learner.state_dict(), world)
     started_phases: set[str] = set()
 
     def report(phase: str, step: int, total: int, metrics: dict) -> None:
@@ -340,7 +349,9 @@ def execute(plan: RunPlan | RunRequest, host: PluginHost, progress: Progress | N
         if plan.validation else None
 
     ctx = TrainContext(protocol, TrainSampler(protocol, source, request.seed, "train", device), source, device,
-                       generator, report)
+                       generator, report, world=world)
+    if world.active:
+        ctx.gradient_hook = average_gradients(world)
     state = TrainingState(folder, identity, control.checkpoint_every, resume_doc, validator)
     state.attach(ctx)
     if folder is not None and not control.resume:
@@ -379,6 +390,7 @@ def execute(plan: RunPlan | RunRequest, host: PluginHost, progress: Progress | N
         **({"validation": validator.record()} if validator is not None else {}),
         **({"learner_file": learner_file} if learner_file else {}),
         **({"resumed": resumed} if resumed else {}),
+        **({"distributed": world.record()} if world.active else {}),
         "timing": {"meta_train_s": round(meta_train_s, 3), "eval_s": round(eval_s, 3),
                    # in this process: checkpoints (training) and evaluation-progress files written
                    "checkpoints": state.writes, "checkpoint_s": round(state.write_seconds, 4),
@@ -393,7 +405,7 @@ def train_and_evaluate(plan, host, control, learner, ctx, state, validator, eval
     """Meta-train (or take the state back from a checkpoint), keep the learner file, evaluate (or
     continue an interrupted evaluation). Returns (meta_train_s, eval_s, scores, learner_file, resumed)."""
     entry, protocol, request, who, device = plan.learner, plan.protocol, plan.request, plan.who, plan.device
-    folder, eval_doc = control.folder, control.eval_doc
+    folder, eval_doc, world = control.folder, control.eval_doc, control.world
     try:
         learner.meta_train(ctx)
     except (MetabenchError, KeyboardInterrupt):
@@ -412,7 +424,7 @@ def train_and_evaluate(plan, host, control, learner, ctx, state, validator, eval
         validator.restore_best()
 
     learner_file = None if eval_doc is None else eval_doc.get("learner_file")
-    if eval_doc is None and control.save_learner and control.out_dir is not None:
+    if eval_doc is None and control.save_learner and control.out_dir is not None and world.is_main:
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         doc = learner_document(
             learner={"name": entry.name, "plugin": entry.plugin, "version": learner_version(entry, host),
@@ -447,7 +459,7 @@ def train_and_evaluate(plan, host, control, learner, ctx, state, validator, eval
     state.catch_interrupts()
     try:
         evaluate(learner, protocol, plan.source, protocol.eval_split, draws, who, progress, device, scores,
-                 after_episode=after_episode)
+                 after_episode=after_episode, world=world)
     finally:
         state.release_interrupts()
     eval_s = prior_eval_s + time.perf_counter() - started

@@ -377,7 +377,8 @@ def paper_tables():
         doc = tomllib.loads(open(cls.paper_config, encoding="utf-8").read())
         assert doc, f"{cls.paper_config} has no tables"
         for task in doc:
-            yield name, task
+            if task != "validation":  # the paper's validation selection (metabench/validation.py), not a protocol
+                yield name, task
 
 
 @pytest.mark.parametrize("learner,task", list(paper_tables()))
@@ -389,7 +390,9 @@ def test_paper_config_tables_are_valid(learner, task):
     section = tomllib.loads(open(HOST.learners.get(learner).obj.paper_config, encoding="utf-8").read())[task]
     values = dataclasses.asdict(config)
     for key, value in section.items():
-        if key == "backbone":
+        if key == "validation":
+            assert plan.validation is not None and plan.validation.every == value["every"]
+        elif key == "backbone":
             assert backbone_options == value
         elif isinstance(value, float):
             assert values[key] == pytest.approx(value), key

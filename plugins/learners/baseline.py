@@ -149,6 +149,7 @@ class Baseline(Learner):
     name = "baseline"
     transductive = False
     any_ways = True  # nothing it learns is tied to the number of classes of an episode
+    splits_meta_batch = True  # torchrun: each process takes its rows of every pre-training mini-batch
     Config = BaselineConfig
     cosine = False
     reference = "Chen, Liu, Kira, Wang & Huang. A Closer Look at Few-shot Classification. ICLR 2019."
@@ -195,6 +196,7 @@ class Baseline(Learner):
                                                      drop_last=False))
         for _ in ctx.steps("pre-train", total):
             x, y = batches.next()
+            x, y = ctx.shard(x, "images"), ctx.shard(y, "images")  # this process's rows of the mini-batch
             logits = head(self.net(x))
             optimizer_step(ctx, opt, F.cross_entropy(logits, y), logits, y, sched)
 

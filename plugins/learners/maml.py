@@ -110,6 +110,7 @@ class MAML(Learner):
 
     problem_types = frozenset({"classification", "regression"})
     transductive = True
+    splits_meta_batch = True  # torchrun: each process adapts its share of the meta-batch's tasks
     Config = MAMLConfig
     #: The ``task_batching`` values this learner's meta-loss implements.
     task_batchings = frozenset({"loop", "vmap", "stacked"})
@@ -240,7 +241,7 @@ class MAML(Learner):
         self.track_state(ctx)
         opt = ctx.track("optimizer", torch.optim.Adam(self.optimized_tensors(), lr=c.meta_lr))
         for _ in ctx.steps("meta-train", c.meta_steps):
-            tasks = self.sample_tasks(ctx)
+            tasks = ctx.shard(self.sample_tasks(ctx))  # this process's share (all of it in one process)
             opt.zero_grad(set_to_none=True)
             loss = self.meta_backward(tasks)
             ctx.step(opt, loss)

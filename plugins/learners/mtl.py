@@ -221,6 +221,7 @@ class MTL(Learner):
 
     name = "mtl"
     transductive = False
+    splits_meta_batch = True  # torchrun: each process adapts its share of every meta-batch; pre-training: its rows
     Config = MTLConfig
     reference = "Sun, Liu, Chua & Schiele. Meta-Transfer Learning for Few-Shot Learning. CVPR 2019."
     paper_config = PAPER_CONFIG
@@ -321,6 +322,7 @@ class MTL(Learner):
                 group["lr"] = step_decay(c.pretrain_lr, step - 1, c.pretrain_lr_step, c.pretrain_lr_gamma,
                                          c.pretrain_min_lr)
             x, y = batches.next()
+            x, y = ctx.shard(x, "images"), ctx.shard(y, "images")  # this process's rows of the mini-batch
             logits = classifier(self.extractor(x))
             optimizer_step(ctx, opt, F.cross_entropy(logits, y), logits, y)
         for p in ss:
@@ -372,11 +374,12 @@ class MTL(Learner):
             draws += [(self.hard_draw(ctx, p.ways, p.shots, queries), True) for _ in range(c.hard_task_count)]
         return draws
 
-    def record_failures(self, draws: list[tuple[EpisodeDraw, bool]], outcomes: list[TaskOutcome]) -> None:
-        """Remember each task's failure class (as a training-split class index)."""
+    def record_failures(self, draws: list[tuple[EpisodeDraw, bool]], outcomes: list[TaskOutcome], ctx=None) -> None:
+        """Remember each task's failure class (as a training-split class index). ``draws``/``outcomes``:
+        this process's share of the meta-batch; ``ctx.unshard`` puts every process's in order."""
         ways = self.protocol.ways
-        self.last_failures = [draw.classes[failure_class(o.logits, o.query_y, ways)]
-                              for (draw, _), o in zip(draws, outcomes)]
+        local = [draw.classes[failure_class(o.logits, o.query_y, ways)] for (draw, _), o in zip(draws, outcomes)]
+        self.last_failures = ctx.unshard(local) if ctx is not None else local
         cap = self.config.hard_pool or ways
         self.failure_pool = list(dict.fromkeys(self.last_failures + self.failure_pool))[:cap]
 
@@ -385,8 +388,9 @@ class MTL(Learner):
         if self._opt is None:
             self.start_meta_training()
         draws = self.next_draws(ctx)
+        mine = ctx.shard(draws)  # this process's share of the meta-batch (all of it in one process)
         split = ctx.sampler.split
-        episodes = [ctx.source.materialize(d, split).to(self.device) for d, _ in draws]
+        episodes = [ctx.source.materialize(d, split).to(self.device) for d, _ in mine]
         outcomes = [self.task_outcome(ep) for ep in episodes]
         loss = self.meta_loss(outcomes)
         self._opt.zero_grad(set_to_none=True)
@@ -395,7 +399,7 @@ class MTL(Learner):
         value = ctx.step(self._opt, loss, scheduler=self._sched, acc=acc)
         self._meta_step += 1
         self.last_draws = draws
-        self.record_failures(draws, outcomes)
+        self.record_failures(mine, outcomes, ctx)
         return value, acc
 
     def meta_train(self, ctx) -> None:

@@ -49,6 +49,8 @@ class ProtoNetConfig:
     train_shots:   shots of training episodes; 0 = the protocol's (paper: same as test)
     train_queries: queries per class in training episodes; 0 = the protocol's (paper, Omniglot: 5)
     weight_decay:  Adam weight decay (paper: none)
+    episodes_per_step: training episodes per Adam step, their mean loss (paper: 1); under torchrun a
+                   multiple of the process count, each process computing its share
     """
 
     meta_steps: int = setting(700, min=0)
@@ -59,6 +61,7 @@ class ProtoNetConfig:
     train_shots: int = setting(0, min=0)
     train_queries: int = setting(5, min=0)
     weight_decay: float = 0.0
+    episodes_per_step: int = setting(1, min=1)
 
 
 class ProtoNet(Learner):
@@ -66,6 +69,7 @@ class ProtoNet(Learner):
 
     transductive = False
     any_ways = True  # nothing it learns is tied to the number of classes of an episode
+    splits_meta_batch = True  # torchrun: each process computes its share of episodes_per_step episodes
     Config = ProtoNetConfig
     reference = "Snell, Swersky & Zemel. Prototypical Networks for Few-shot Learning. NeurIPS 2017."
     paper_config = paper_config("protonet.toml")
@@ -102,7 +106,7 @@ class ProtoNet(Learner):
         ctx.track("embedding", self.net)
         train_on_episodes(ctx, self.net.parameters(), episode_loss, steps=c.meta_steps, lr=c.lr, ways=ways,
                           shots=shots, queries=queries, lr_step=c.lr_step, lr_gamma=c.lr_gamma,
-                          weight_decay=c.weight_decay)
+                          weight_decay=c.weight_decay, episodes_per_step=c.episodes_per_step)
 
     def predict(self, support_x, support_y, query_x):
         """support_x [S, C, H, W], support_y [S], query_x [Q, C, H, W] -> logits [Q, ways].

@@ -93,6 +93,7 @@ class TAMTL(MTL):
 
     name = "tamtl"
     Config = TAMTLConfig
+    splits_meta_batch = False  # its meta-loss compares the tasks of a meta-batch: not a mean of shares
     reference = ("metabench-defined variant, not a published method: Meta-Transfer Learning (Sun et al., CVPR 2019) "
                  "with the task-agnostic regularisers of TAML (Jamal & Qi, CVPR 2019).")
     budgets = {

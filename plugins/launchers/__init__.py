@@ -1,0 +1,1 @@
+"""Built-in sweep launchers: local worker processes, Slurm through submitit, Ray."""
