@@ -169,6 +169,7 @@ def _host():
     from .plugins import get_host
 
     host = get_host()
+    host.forget_task_files()  # one command reads a task file's folder once, and afresh
     for line in host.errors:
         err.print(f"metabench: warning: {line}", markup=False, soft_wrap=True)
     return host

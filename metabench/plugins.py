@@ -87,6 +87,7 @@ class PluginHost:
         self.backbones: Registry[Callable[..., Backbone]] = Registry("backbone")
         self.tasks: Registry[Protocol] = Registry("task")
         self.launchers: Registry[type] = Registry("launcher")
+        self._task_files: dict[str, tuple] = {}
         self.plugins: dict[str, PluginInfo] = {}
         self.errors: list[str] = []
         sources = discover() if sources is None else sources
@@ -245,9 +246,21 @@ class PluginHost:
 
     # -- use ---------------------------------------------------------------------------------
     def task(self, name: str) -> tuple[Protocol, DataSource, str]:
-        """(protocol, data source, plugin) of a registered task."""
+        """(protocol, data source, plugin) of a registered task, or of a task file (a path ending in
+        .toml: :mod:`metabench.task_file`; loaded once per host)."""
+        from .task_file import is_task_file, load_task_file
+
+        if is_task_file(name):
+            if name not in self._task_files:
+                protocol, source = load_task_file(name)
+                self._task_files[name] = (protocol, source, f"task file {name}")
+            return self._task_files[name]
         entry = self.tasks.get(name)
         return entry.obj, entry.extra["source"], entry.plugin
+
+    def forget_task_files(self) -> None:
+        """Read task files (and list their folders) again on next use."""
+        self._task_files.clear()
 
     def build_backbone(self, name: str, in_channels: int, image_size: int, **options: Any) -> Backbone:
         """Call a backbone factory and check what it returns, naming the plugin if it is wrong.

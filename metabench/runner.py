@@ -473,7 +473,8 @@ def task_section(protocol: Protocol, draws) -> dict:
             "split": protocol.eval_split, "ways": protocol.ways, "shots": protocol.shots,
             "queries": protocol.queries, "episodes": len(draws), "episodes_sha256": episodes_sha256(draws),
             "metric": protocol.metric, "higher_is_better": protocol.higher_is_better,
-            "problem": protocol.problem, "image_size": protocol.image_size}
+            "problem": protocol.problem, "image_size": protocol.image_size,
+            **({"data_sha256": protocol.data_sha256} if protocol.data_sha256 else {})}
 
 
 def learner_version(entry, host: PluginHost) -> str:

@@ -48,6 +48,9 @@ class Protocol:
     #: Backbone for runs that name none, before the learner's own default (e.g. "mlp" for
     #: regression on vectors, where an image backbone makes no sense).
     default_backbone: str | None = None
+    #: SHA-256 of the data it is drawn from, where the task has no fixed release (a task file's
+    #: folder: its class and file names); results record it as ``task.data_sha256``
+    data_sha256: str | None = None
 
     def __post_init__(self) -> None:
         problems = []
