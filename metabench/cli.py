@@ -221,8 +221,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     world = init_world(str(opts["device"]))  # torchrun: join its process group (one process: nothing to do)
     try:
         device = opts["device"]
-        if world.active and device == "cuda":
-            device = f"cuda:{world.local_rank}"
+        if world.active and device == "cuda":  # one GPU per process, or processes sharing the GPUs there are
+            import torch
+
+            device = f"cuda:{world.local_rank % max(1, torch.cuda.device_count())}"
         request = RunRequest(data_roots=data_roots(args, toml), learner=args.learner, task=opts["task"],
                              backbone=opts["backbone"], seed=int(opts["seed"]), budget=opts["budget"],
                              episodes=opts["episodes"], device=device, learner_layers=layers,

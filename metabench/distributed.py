@@ -71,7 +71,8 @@ def init_world(device: str) -> World:
         return SINGLE
     import torch.distributed as dist
 
-    backend = "nccl" if device.startswith("cuda") else "gloo"
+    # METABENCH_DIST_BACKEND=gloo: several processes on one GPU (NCCL wants one GPU per process)
+    backend = os.environ.get("METABENCH_DIST_BACKEND") or ("nccl" if device.startswith("cuda") else "gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)

@@ -3,6 +3,7 @@ meta-gradient, and every benchmark script runs in its ``--quick`` setting."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -251,3 +252,15 @@ def test_check_inference_compares_both_paths(tmp_path):
     assert stats["episodes"] == 3 and stats["queries"] == 3 * 5 * 15
     assert stats["form"] in ("frozen", "folded") and stats["predicted_class_differs"] == 0
     assert stats["max_abs_output_difference"] < 1e-3
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_runs_on_a_cpu(tmp_path):
+    """benchmarks/gpu_check.sh's steps run end to end with DEVICE=cpu QUICK=1 and write the summary."""
+    env = dict(os.environ, DEVICE="cpu", QUICK="1", OUT=str(tmp_path), OMP_NUM_THREADS="1", PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {name: step["exit"] for name, step in summary["steps"].items()} == {"bench_gpu": 0, "torchrun": 0}
+    assert summary["torchrun"]["distributed"] == {"world_size": 2, "backend": "gloo"}

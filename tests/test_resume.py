@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -94,6 +95,21 @@ def curve(out: Path) -> list[tuple]:
 
 def same_state(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def killed_protonet(tmp_path_factory) -> Path:
+    """An --out folder holding the checkpoints of a protonet run killed at meta-train step 5 (made once)."""
+    out = tmp_path_factory.mktemp("killed-protonet")
+    subprocess_run(args("protonet", out), "kill@meta-train:5")
+    return out
+
+
+@pytest.fixture
+def killed(killed_protonet, tmp_path) -> Path:
+    """A fresh copy of it for one test."""
+    shutil.copytree(killed_protonet, tmp_path, dirs_exist_ok=True)
+    return tmp_path
 
 
 @pytest.fixture(scope="module")
@@ -192,8 +208,8 @@ def test_ctrl_c_writes_a_checkpoint_and_says_how_to_continue(capsys, tmp_path, u
     assert doc["phase"] == "meta-train" and 0 < doc["done"]["meta-train"] < 400
 
 
-def test_a_fresh_run_will_not_overwrite_an_unfinished_one(capsys, tmp_path):
-    subprocess_run(args("protonet", tmp_path), "kill@meta-train:5")
+def test_a_fresh_run_will_not_overwrite_an_unfinished_one(capsys, killed):
+    tmp_path = killed
     (folder,) = (tmp_path / "checkpoints").iterdir()
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     code, err = cli(capsys, *args("protonet", tmp_path))
@@ -210,15 +226,15 @@ def test_a_fresh_run_will_not_overwrite_an_unfinished_one(capsys, tmp_path):
     (["--backbone", "resnet12"], "backbone 'conv4' in the checkpoint, 'resnet12' now"),
     (["--episodes", "5"], "episodes 6 in the checkpoint, 5 now"),
 ])
-def test_a_resume_of_another_run_is_refused_naming_the_difference(capsys, tmp_path, change, fragment):
-    subprocess_run(args("protonet", tmp_path), "kill@meta-train:5")
+def test_a_resume_of_another_run_is_refused_naming_the_difference(capsys, killed, change, fragment):
+    tmp_path = killed
     code, err = cli(capsys, *args("protonet", tmp_path), *change, "--resume")
     assert code == 2
     assert fragment in error_line(err)
 
 
-def test_a_resume_of_another_learner_or_metabench_version_is_refused(capsys, tmp_path, monkeypatch):
-    subprocess_run(args("protonet", tmp_path), "kill@meta-train:5")
+def test_a_resume_of_another_learner_or_metabench_version_is_refused(capsys, killed, monkeypatch):
+    tmp_path = killed
     code, err = cli(capsys, *args("maml", tmp_path), "--resume")
     assert code == 2 and "learner 'protonet' in the checkpoint, 'maml' now" in error_line(err)
     monkeypatch.setattr("metabench.runner.__version__", "99.0")
@@ -226,8 +242,8 @@ def test_a_resume_of_another_learner_or_metabench_version_is_refused(capsys, tmp
     assert code == 2 and "metabench version" in error_line(err) and "'99.0' now" in error_line(err)
 
 
-def test_a_corrupt_checkpoint_is_refused_and_the_older_one_kept(capsys, tmp_path):
-    subprocess_run(args("protonet", tmp_path), "kill@meta-train:5")
+def test_a_corrupt_checkpoint_is_refused_and_the_older_one_kept(capsys, killed):
+    tmp_path = killed
     (folder,) = (tmp_path / "checkpoints").iterdir()
     older, newest = CheckpointFolder(folder).files()
     newest.write_bytes(newest.read_bytes()[:1000])  # truncated
