@@ -3,12 +3,15 @@
 2,340 characters of at most 10 strokes, 20 jittered renderings each at 28 x 28 px; classes split
 1,500 train / 240 val / 600 test (see :mod:`metabench_plugins.datasets.kanji_data`). Protocols follow the
 Omniglot conventions: 5-way with 15 queries per class, 20-way with 5, 600 test episodes.
+``kanji_radical-5w1s`` / ``-5w5s`` are the fine-grained variant: every episode (training and test)
+draws its classes from one radical family (:mod:`metabench.grouped`).
 """
 from __future__ import annotations
 
 import torch
 
 from metabench import ClassImageSource, Protocol, hookimpl
+from metabench.grouped import GroupedEpisodes
 
 from . import kanji_data
 
@@ -40,6 +43,27 @@ class KanjiSource(ClassImageSource):
         return out
 
 
+class KanjiRadicalSource(GroupedEpisodes, KanjiSource):
+    """The kanji classes, each episode's drawn from one radical family (the general radical KanjiVG
+    marks: 木, 氵, 艹, ...; characters it marks none for are left out)."""
+
+    def class_groups(self, split: str) -> list[str | None]:
+        self.check_split(split)
+        return kanji_data.class_radicals(split)
+
+
+#: version of the fine-grained protocols (bump when the radical file or the grouped draw changes)
+RADICAL_VERSION = 1
+
+
+def radical_protocols() -> list[Protocol]:
+    return [Protocol(
+        name=f"kanji_radical-{ways}w{shots}s", version=RADICAL_VERSION, dataset="kanji_radical", ways=ways,
+        shots=shots, queries=queries, episodes=EPISODES, image_size=kanji_data.IMAGE_SIZE, channels=1,
+        description=f"{ways}-way {shots}-shot kanji, every episode within one radical family (fine-grained)")
+        for ways, shots, queries in ((5, 1, 15), (5, 5, 15))]
+
+
 def protocols() -> list[Protocol]:
     out = []
     for ways, shots, queries in ((5, 1, 15), (5, 5, 15), (20, 1, 5), (20, 5, 5)):
@@ -56,3 +80,6 @@ def metabench_register_tasks(register):
     source = KanjiSource()  # one source shared by the four protocols, so a split loads once
     for protocol in protocols():
         register(protocol, source)
+    grouped = KanjiRadicalSource()
+    for protocol in radical_protocols():
+        register(protocol, grouped)

@@ -23,7 +23,11 @@ Images: uint8 ``[n_classes * 20, 1, 28, 28]``, ink 255 on black 0, classes conti
 All 2,340 classes (train, val, test order) are rendered once into the cache folder as
 ``kanji-v{DATA_VERSION}-{IMAGE_SIZE}px.npy`` (46,800 images, about 37 MB).
 
-CLI: ``python -m metabench_plugins.datasets.kanji_data [--write-splits] [--render]``.
+Radical families: the general radical KanjiVG marks for each class (``kvg:radical="general"``),
+committed in ``kanji_radicals.json`` (verified against ``RADICALS_SHA256``); the fine-grained
+protocols draw every episode's classes from one family.
+
+CLI: ``python -m metabench_plugins.datasets.kanji_data [--write-splits] [--write-radicals] [--render]``.
 """
 from __future__ import annotations
 
@@ -60,7 +64,9 @@ SPLIT_SEED = 0x6B616E6A69  # "kanji"
 RENDER_SEED = 0x4D42_4B41_4E4A_4931  # "MBKANJI1"
 
 SPLITS_FILE = Path(__file__).with_name("kanji_splits.json")
+RADICALS_FILE = Path(__file__).with_name("kanji_radicals.json")
 SPLITS_SHA256 = "47572a306131e6a326bcd2c707d1db524502390a02304724cd8c520093719120"
+RADICALS_SHA256 = "f202a3775828e023b629bb72dcbecc6d04fbe78297dab25f76037e0c60feca5b"
 RENDER_SHA256 = "918a6302db817c95da9f3dd7b92996f1520045b4835b4522d3daf36c23d037cf"
 
 # Rendering parameters (any change here changes the bytes: bump DATA_VERSION).
@@ -275,6 +281,54 @@ def class_sizes(split: str) -> list[int]:
     return [INSTANCES_PER_CLASS] * len(class_names(split))
 
 
+# ----------------------------------------------------------------------------- radical families
+#: the radical KanjiVG marks as a character's general radical: the ``kvg:element`` of the group
+#: that carries ``kvg:radical="general"`` (either attribute order)
+_RADICAL = re.compile(r'<g\b[^>]*\bkvg:element="([^"]+)"[^>]*\bkvg:radical="general"'
+                      r'|<g\b[^>]*\bkvg:radical="general"[^>]*\bkvg:element="([^"]+)"')
+
+
+def radical_of(code_point: int, folder: Path | None = None) -> str | None:
+    """The general radical KanjiVG marks for a character (None when it marks none)."""
+    text = ((folder or kanjivg_dir()) / f"{code_point:05x}.svg").read_text(encoding="utf-8")
+    match = _RADICAL.search(text)
+    return (match.group(1) or match.group(2)) if match else None
+
+
+def radicals_digest(radicals: dict[str, str | None]) -> str:
+    canonical = json.dumps(radicals, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def write_radicals(path: Path = RADICALS_FILE) -> str:
+    """Regenerate the radical file (every class's general radical) from the installed kanjivg."""
+    kanjivg_dir()
+    _check_kanjivg_version()
+    radicals = {name: radical_of(ord(name)) for split in SPLITS for name in class_names(split)}
+    doc = {"source": "KanjiVG (Ulrich Apel, CC BY-SA 3.0) via PyPI kanjivg==" + KANJIVG_VERSION
+                     + ': the kvg:element of the group marked kvg:radical="general"; null where none is marked',
+           "kanjivg_version": KANJIVG_VERSION, "radical": radicals}
+    path.write_text(json.dumps(doc, ensure_ascii=False, indent=0, sort_keys=True) + "\n", encoding="utf-8")
+    return radicals_digest(radicals)
+
+
+@lru_cache(maxsize=1)
+def committed_radicals() -> dict[str, str | None]:
+    """Every class's radical from the committed file, verified against RADICALS_SHA256."""
+    radicals = json.loads(RADICALS_FILE.read_text(encoding="utf-8"))["radical"]
+    digest = radicals_digest(radicals)
+    if digest != RADICALS_SHA256:
+        raise RuntimeError(f"radical file {RADICALS_FILE} does not match its recorded SHA-256 "
+                           f"(found {digest}, expected {RADICALS_SHA256})")
+    return radicals
+
+
+def class_radicals(split: str) -> list[str | None]:
+    """The radical family of each class of a split, in class order."""
+    radicals = committed_radicals()
+    return [radicals[name] for name in class_names(split)]
+
+
 # ----------------------------------------------------------------------------- rendering
 def _instance_params(code_point: int, n_strokes: int, n: int = INSTANCES_PER_CLASS):
     """Per-instance jitter: affine ``[n, 4]`` (a,b,c,d), shift ``[n, 2]``, half width ``[n]``,
@@ -453,6 +507,9 @@ def _main(argv: list[str]) -> int:
     if "--write-splits" in argv:
         print(f"wrote {SPLITS_FILE}\nSPLITS_SHA256 = {write_splits()!r}")
         _committed_splits.cache_clear()
+        return 0
+    if "--write-radicals" in argv:
+        print(f"wrote {RADICALS_FILE}\nRADICALS_SHA256 = {write_radicals()!r}")
         return 0
     splits = read_splits()
     print(f"SPLITS_SHA256 = {splits_digest(splits)!r} "
