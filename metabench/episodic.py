@@ -54,7 +54,7 @@ def _episode_steps(ctx, opt, sched, episode_loss, steps, ways, shots, queries, e
             labels = episodes[0].query_y
         else:
             losses, all_scores = zip(*(episode_loss(e) for e in episodes))
-            loss, scores = torch.stack(losses).mean(), torch.cat(all_scores)
+            loss, scores = torch.stack(losses).mean(), torch.cat([s.argmax(1) for s in all_scores])
             labels = torch.cat([e.query_y for e in episodes])
         optimizer_step(ctx, opt, loss, scores, labels, sched)
         if replay is not None:  # after backward: autograd keeps the running statistics' versions
@@ -65,9 +65,11 @@ def optimizer_step(ctx: TrainContext, opt: torch.optim.Optimizer, loss: torch.Te
                    labels: torch.Tensor, scheduler=None) -> float:
     """One training step of a supervised loop: backward ``loss``, then ``ctx.step`` (finite checks,
     the gradient hook, ``opt`` and ``scheduler`` steps, progress with ``loss`` and ``acc``, the share
-    of rows of ``scores`` [B, classes] whose argmax equals ``labels`` [B]). Returns the loss."""
+    of rows of ``scores`` [B, classes] whose argmax equals ``labels`` [B]; ``scores`` may also be the
+    predicted classes [B]). Returns the loss."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     with torch.no_grad():
-        acc = (scores.argmax(1) == labels).float().mean().item()
+        predicted = scores if scores.dim() == 1 else scores.argmax(1)
+        acc = (predicted == labels).float().mean().item()
     return ctx.step(opt, loss, scheduler=scheduler, acc=acc)

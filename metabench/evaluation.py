@@ -19,11 +19,12 @@ from .results import PER_STEP_COUNTS
 from .task import Episode, EpisodeDraw, Protocol
 
 
-def score(protocol: Protocol, output: torch.Tensor, query_y: torch.Tensor, who: str) -> float:
-    """Accuracy (classification) or mean squared error (regression) of one episode's predictions."""
+def score(protocol: Protocol, output: torch.Tensor, query_y: torch.Tensor, who: str, ways: int | None = None) -> float:
+    """Accuracy (classification) or mean squared error (regression) of one episode's predictions.
+    ``ways``: the episode's way count where it varies (default the protocol's)."""
     q = query_y.shape[0]
     if protocol.problem == "classification":
-        expected = (q, protocol.ways)
+        expected = (q, ways or protocol.ways)
         if not isinstance(output, torch.Tensor) or tuple(output.shape) != expected:
             got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
             raise PluginError(f"{who}: predict returned {got}; expected logits of shape {expected}")
@@ -34,7 +35,8 @@ def score(protocol: Protocol, output: torch.Tensor, query_y: torch.Tensor, who: 
     return torch.mean((output.double() - query_y.double()) ** 2).item()
 
 
-def metric_after_steps(learner: Learner, protocol: Protocol, episode: Episode, who: str, index: int) -> dict | None:
+def metric_after_steps(learner: Learner, protocol: Protocol, episode: Episode, who: str, index: int,
+                       ways: int | None = None) -> dict | None:
     """The metric of one episode after each of :data:`~metabench.results.PER_STEP_COUNTS` test-time
     steps (``{k: value}``, a non-finite value as None), for a learner that adapts by steps; None
     when the learner has no step count to vary."""
@@ -50,7 +52,7 @@ def metric_after_steps(learner: Learner, protocol: Protocol, episode: Episode, w
         got = sorted(outputs) if isinstance(outputs, dict) else type(outputs).__name__
         raise PluginError(f"{who}: predict_after_steps returned {got}; expected a dict with keys "
                           f"{list(PER_STEP_COUNTS)}")
-    values = {k: score(protocol, outputs[k], episode.query_y, who) for k in PER_STEP_COUNTS}
+    values = {k: score(protocol, outputs[k], episode.query_y, who, ways) for k in PER_STEP_COUNTS}
     return {k: v if math.isfinite(v) else None for k, v in values.items()}
 
 
@@ -95,8 +97,9 @@ def evaluate(learner: Learner, protocol: Protocol, source, split: str, draws: Se
                 output = learner.predict(episode.support_x, episode.support_y, episode.query_x)
         except Exception as exc:
             raise PluginError(f"{who} failed in predict (episode {i}): {type(exc).__name__}: {exc}") from exc
-        value = score(protocol, output, episode.query_y, who)
-        after = metric_after_steps(learner, protocol, episode, who, i) if scores.per_step is not None else None
+        ways = len(draws[i].classes)
+        value = score(protocol, output, episode.query_y, who, ways)
+        after = metric_after_steps(learner, protocol, episode, who, i, ways) if scores.per_step is not None else None
         faults.kill_point(f"evaluate:{i}")
         scores.per_episode.append(value)
         if scores.per_step is not None:
@@ -128,8 +131,9 @@ def _evaluate_sharded(learner, protocol, source, split, draws, who, progress, de
                 output = learner.predict(episode.support_x, episode.support_y, episode.query_x)
         except Exception as exc:
             raise PluginError(f"{who} failed in predict (episode {i}): {type(exc).__name__}: {exc}") from exc
-        value = score(protocol, output, episode.query_y, who)
-        after = metric_after_steps(learner, protocol, episode, who, i) if scores.per_step is not None else None
+        ways = len(draws[i].classes)
+        value = score(protocol, output, episode.query_y, who, ways)
+        after = metric_after_steps(learner, protocol, episode, who, i, ways) if scores.per_step is not None else None
         local[i] = (value, after)
         progress.update("evaluate", n)
     merged = gather_by_index(local, world)

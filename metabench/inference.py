@@ -16,9 +16,11 @@ Every faster form is checked against the plain eval-mode network on the first ba
 that disagrees (or fails to build) is dropped for the next simpler one, so a backbone this module
 does not understand still runs, just unaccelerated. The copy is rebuilt (and checked again)
 whenever a parameter or buffer of the source network changes (a training step bumps the tensors'
-version counters) and whenever the input's shape or dtype changes: a traced graph keeps the
-branches its first input took, so each shape is checked before it is trusted. (A protocol's test
-episodes all have one shape: one build per evaluation.)
+version counters) and whenever the input's per-example shape or dtype changes: a traced graph
+keeps the branches its first input took, so each shape is checked before it is trusted. A new batch
+size alone (variable-size episodes) is checked against the plain network without rebuilding, and
+rebuilt only if it disagrees. (A fixed protocol's test episodes all have one shape: one build per
+evaluation.)
 """
 from __future__ import annotations
 
@@ -74,6 +76,8 @@ class InferenceNet:
         self.net, self.allow_frozen = net, allow_frozen
         self.form, self._fn, self._signature, self._input = "plain", None, None, None
         self.builds = 0  # how many times a test-time copy was built (once per set of weights)
+        self.checks = 0  # how many other batch sizes the built copy was checked on
+        self._verified: set = set()
 
     def _channels_last(self, x: torch.Tensor) -> bool:
         return x.dim() == 4 and x.device.type == "cpu"
@@ -102,6 +106,7 @@ class InferenceNet:
                     break
         self._cl = cl and self.form != "plain"
         self._signature = _weights_signature(self.net)
+        self._verified = set()
 
     @staticmethod
     def _prepare(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -121,7 +126,20 @@ class InferenceNet:
             with torch.no_grad():
                 return self.net(x)
         key = (tuple(x.shape), x.dtype)
-        if self._fn is None or key != self._input or _weights_signature(self.net) != self._signature:
+        if self._fn is None or _weights_signature(self.net) != self._signature or key[0][1:] != self._input[0][1:] \
+                or key[1] != self._input[1]:
+            self._input = key
+            self._build(x)
+            self.builds += 1
+        elif key != self._input and key not in self._verified:
+            # another batch size (variable-size episodes): check the built form on it once
+            self.checks += 1
+            with torch.no_grad():
+                ref = self.net(x)
+                out = self._fn(self._prepare(x, self._cl))
+            if _agrees(out, ref):
+                self._verified.add(key)
+                return out
             self._input = key
             self._build(x)
             self.builds += 1

@@ -222,6 +222,9 @@ class Learner(abc.ABC):
     #: ``ctx.step`` (so gradients can be averaged over processes): ``torchrun`` may run it on
     #: several processes. Others are refused there with one line.
     splits_meta_batch: ClassVar[bool] = False
+    #: True if it takes episodes whose way count and shots per class vary (Meta-Dataset's sampler:
+    #: ``predict`` reads the way count from ``support_y``); tasks drawing such episodes refuse others.
+    variable_episodes: ClassVar[bool] = False
 
     def __init__(self, config: Any, backbone: Backbone, protocol: Protocol, device: torch.device):
         """Checks a dataclass ``config`` against its fields' declarations (:func:`metabench.check_settings`:

@@ -236,6 +236,11 @@ def prepare(request: RunRequest, host: PluginHost) -> RunPlan:
     if protocol.problem not in cls.problem_types:
         raise MetabenchError(f"learner {request.learner!r} cannot run {protocol.problem} task {protocol.name!r} "
                              f"(it supports: {', '.join(sorted(cls.problem_types))})")
+    if protocol.episode_sampler != "fixed" and not cls.variable_episodes:
+        takers = ", ".join(e.name for e in host.learners if e.obj.variable_episodes) or "none installed"
+        raise MetabenchError(f"learner {request.learner!r} needs episodes of a fixed way count with balanced shots; "
+                             f"task {protocol.name!r} draws {protocol.episode_sampler} episodes (variable ways and "
+                             f"shots); learners that take them: {takers}")
     if request.budget not in BUDGETS:
         raise MetabenchError(f"--budget {request.budget!r}: accepted: {', '.join(BUDGETS)}")
     if request.episodes is not None and request.episodes < 1:
@@ -474,7 +479,8 @@ def task_section(protocol: Protocol, draws) -> dict:
             "queries": protocol.queries, "episodes": len(draws), "episodes_sha256": episodes_sha256(draws),
             "metric": protocol.metric, "higher_is_better": protocol.higher_is_better,
             "problem": protocol.problem, "image_size": protocol.image_size,
-            **({"data_sha256": protocol.data_sha256} if protocol.data_sha256 else {})}
+            **({"data_sha256": protocol.data_sha256} if protocol.data_sha256 else {}),
+            **({"episode_sampler": protocol.episode_sampler} if protocol.episode_sampler != "fixed" else {})}
 
 
 def learner_version(entry, host: PluginHost) -> str:

@@ -24,7 +24,7 @@ import torch
 from .rng import SplitMix64
 
 PROBLEM_TYPES = ("classification", "regression")
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_]*-[0-9]+w[0-9]+s$|^[a-z0-9][a-z0-9_]*-[0-9]+s$")
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_]*-[0-9]+w[0-9]+s$|^[a-z0-9][a-z0-9_]*-[0-9]+s$|^[a-z0-9][a-z0-9_]*-md$")
 
 
 @dataclass(frozen=True)
@@ -51,18 +51,23 @@ class Protocol:
     #: SHA-256 of the data it is drawn from, where the task has no fixed release (a task file's
     #: folder: its class and file names); results record it as ``task.data_sha256``
     data_sha256: str | None = None
+    #: "fixed" (ways x shots, ways x queries) or "meta-dataset": variable ways and shots
+    #: (metabench.variable_episodes; ways, shots and queries are then the sampler's caps)
+    episode_sampler: str = "fixed"
 
     def __post_init__(self) -> None:
         problems = []
         if not _NAME_RE.match(self.name):
             problems.append(f"name {self.name!r} is not of the form <dataset>-<ways>w<shots>s "
-                            "(or <dataset>-<shots>s for regression)")
+                            "(<dataset>-<shots>s for regression, <dataset>-md for Meta-Dataset episodes)")
         elif not self.name.startswith(self.dataset + "-"):
             problems.append(f"name {self.name!r} does not start with its dataset {self.dataset!r}")
         for attr in ("version", "ways", "shots", "queries", "episodes", "image_size", "channels"):
             value = getattr(self, attr)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 problems.append(f"{attr} must be a positive integer, got {value!r}")
+        if self.episode_sampler not in ("fixed", "meta-dataset"):
+            problems.append(f"episode_sampler must be fixed or meta-dataset, got {self.episode_sampler!r}")
         if self.problem not in PROBLEM_TYPES:
             problems.append(f"problem must be one of {', '.join(PROBLEM_TYPES)}, got {self.problem!r}")
         if problems:
@@ -92,21 +97,39 @@ class EpisodeDraw:
     """What a random draw chose: class indices and the image indices (rows of the split tensor).
 
     support: ways*shots row indices, class-major; query: ways*queries row indices, class-major.
+    support_counts, query_counts: examples per class where they differ between episodes or classes
+    (:mod:`metabench.variable_episodes`); empty: every class has len(support) / ways (and queries alike).
     """
 
     classes: tuple[int, ...]
     support: tuple[int, ...]
     query: tuple[int, ...]
     extra: tuple[float, ...] = field(default=())
+    support_counts: tuple[int, ...] = field(default=())
+    query_counts: tuple[int, ...] = field(default=())
 
     def fingerprint(self) -> bytes:
         """Bytes that identify this draw exactly (hashed into the episode-set SHA-256)."""
         ints = self.classes + self.support + self.query
-        return (
+        out = (
             struct.pack("<3I", len(self.classes), len(self.support), len(self.query))
             + struct.pack(f"<{len(ints)}q", *ints)
             + struct.pack(f"<{len(self.extra)}d", *self.extra)
         )
+        if self.support_counts or self.query_counts:  # balanced draws hash as they always did
+            counts = self.support_counts + self.query_counts
+            out += b"counts" + struct.pack(f"<{len(counts)}q", *counts)
+        return out
+
+    def labels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class-major labels of the support [len(support)] and query [len(query)] examples."""
+        ways = len(self.classes)
+        if not (self.support_counts or self.query_counts):
+            support_y, query_y = _episode_labels(ways, len(self.support) // ways, len(self.query) // ways)
+            return support_y.clone(), query_y.clone()
+        classes = torch.arange(ways)
+        return (classes.repeat_interleave(torch.tensor(self.support_counts)),
+                classes.repeat_interleave(torch.tensor(self.query_counts)))
 
 
 class DataSource(abc.ABC):
@@ -303,11 +326,9 @@ class ClassImageSource(DataSource):
         x = images.index_select(0, _index_tensor(rows)).float().div_(255.0)
         out, at = [], 0
         for d in draws:
-            ways = len(d.classes)
             n_support, n_query = len(d.support), len(d.query)
-            support_y, query_y = _episode_labels(ways, n_support // ways, n_query // ways)
-            out.append(Episode(x[at:at + n_support], support_y.clone(), x[at + n_support:at + n_support + n_query],
-                               query_y.clone()))
+            support_y, query_y = d.labels()
+            out.append(Episode(x[at:at + n_support], support_y, x[at + n_support:at + n_support + n_query], query_y))
             at += n_support + n_query
         return out
 

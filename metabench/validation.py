@@ -115,7 +115,7 @@ class Validator:
                 except Exception as exc:
                     raise PluginError(f"{self.who} failed in predict (validation episode {i}): "
                                       f"{type(exc).__name__}: {exc}") from exc
-                values.append(self.score(self.protocol, output, episode.query_y, self.who))
+                values.append(self.score(self.protocol, output, episode.query_y, self.who, len(draw.classes)))
         finally:
             set_rng_state(saved_rng)
             for module, training in modes:

@@ -12,6 +12,7 @@ import torch
 
 from metabench import ClassImageSource, Protocol, hookimpl
 from metabench.grouped import GroupedEpisodes
+from metabench.variable_episodes import MetaDatasetEpisodes
 
 from . import kanji_data
 
@@ -64,6 +65,18 @@ def radical_protocols() -> list[Protocol]:
         for ways, shots, queries in ((5, 1, 15), (5, 5, 15))]
 
 
+class KanjiMetaDatasetSource(MetaDatasetEpisodes, KanjiSource):
+    """The kanji classes in Meta-Dataset's variable-way, variable-shot episodes."""
+
+
+def meta_dataset_protocol() -> Protocol:
+    """kanji-md: Meta-Dataset's sampler with its caps (up to 50 ways, 100 shots per class and 10
+    queries per class; kanji's 20 images per class make it 5-50 ways, up to 10 shots, 10 queries)."""
+    return Protocol(name="kanji-md", version=1, dataset="kanji", ways=50, shots=100, queries=10, episodes=EPISODES,
+                    image_size=kanji_data.IMAGE_SIZE, channels=1, episode_sampler="meta-dataset",
+                    description="Meta-Dataset episodes (Triantafillou et al. 2020): 5-50 ways, imbalanced shots")
+
+
 def protocols() -> list[Protocol]:
     out = []
     for ways, shots, queries in ((5, 1, 15), (5, 5, 15), (20, 1, 5), (20, 5, 5)):
@@ -83,3 +96,4 @@ def metabench_register_tasks(register):
     grouped = KanjiRadicalSource()
     for protocol in radical_protocols():
         register(protocol, grouped)
+    register(meta_dataset_protocol(), KanjiMetaDatasetSource())

@@ -150,6 +150,7 @@ class Baseline(Learner):
     transductive = False
     any_ways = True  # nothing it learns is tied to the number of classes of an episode
     splits_meta_batch = True  # torchrun: each process takes its rows of every pre-training mini-batch
+    variable_episodes = True  # a new head per episode, as wide as its way count
     Config = BaselineConfig
     cosine = False
     reference = "Chen, Liu, Kira, Wang & Huang. A Closer Look at Few-shot Classification. ICLR 2019."
@@ -211,7 +212,7 @@ class Baseline(Learner):
         emb = self._inference(torch.cat([support_x, query_x]))
         n = support_x.shape[0]
         support_emb, query_emb = emb[:n].detach(), emb[n:].detach()
-        head = fit_head(support_emb, support_y, self.protocol.ways, self.cosine, self.finetune_scale(),
+        head = fit_head(support_emb, support_y, int(support_y.max()) + 1, self.cosine, self.finetune_scale(),
                         c.finetune_steps, c.finetune_lr, c.finetune_momentum, c.finetune_batch,
                         c.finetune_weight_decay, c.finetune_seed, c.finetune_dampening)
         with torch.no_grad():

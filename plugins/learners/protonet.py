@@ -70,6 +70,7 @@ class ProtoNet(Learner):
     transductive = False
     any_ways = True  # nothing it learns is tied to the number of classes of an episode
     splits_meta_batch = True  # torchrun: each process computes its share of episodes_per_step episodes
+    variable_episodes = True  # prototypes are class means: any way count, any shots per class
     Config = ProtoNetConfig
     reference = "Snell, Swersky & Zemel. Prototypical Networks for Few-shot Learning. NeurIPS 2017."
     paper_config = paper_config("protonet.toml")
@@ -98,8 +99,8 @@ class ProtoNet(Learner):
         c, p = self.config, self.protocol
         ways, shots, queries = c.train_ways or p.ways, c.train_shots or p.shots, c.train_queries or p.queries
 
-        def episode_loss(ep):
-            logits = self.episode_logits(ep.support_x, ep.support_y, ep.query_x, ways)
+        def episode_loss(ep):  # the episode's own way count (Meta-Dataset episodes vary; fixed ones: ``ways``)
+            logits = self.episode_logits(ep.support_x, ep.support_y, ep.query_x, int(ep.support_y.max()) + 1)
             return F.cross_entropy(logits, ep.query_y), logits
 
         self.net.train()
@@ -119,7 +120,7 @@ class ProtoNet(Learner):
         # influence each other
         emb = self._inference(torch.cat([support_x, query_x]))  # [S + Q, D]
         n = support_x.shape[0]
-        return prototype_logits(emb[:n], support_y, emb[n:], self.protocol.ways)
+        return prototype_logits(emb[:n], support_y, emb[n:], int(support_y.max()) + 1)  # the episode's ways
 
 
 @hookimpl
