@@ -258,13 +258,23 @@ class FolderImageSource(ClassImageSource):
     def class_sizes(self, split: str) -> list[int]:
         return self.listing(split).sizes()
 
+    def error(self, message: str) -> MetabenchError:
+        """A one-line error naming the data set and the expected layout."""
+        return MetabenchError(f"{self.dataset}: {message} (expected {self.layout})")
+
     def cached(self, split: str, progress=None) -> CachedImages:
-        """The decoded split, building the cache first if needed."""
+        """The decoded split, building the cache first if needed (an unreadable image: one line
+        naming it, from :meth:`error`)."""
         if split not in self._cached:
             key = self.cache_key(split)
             found = open_image_cache(key)
             if found is None or found.sizes != self.listing(split).sizes():
-                found = build_image_cache(key, self.listing(split), self.image_size, self.channels, progress)
+                try:
+                    found = build_image_cache(key, self.listing(split), self.image_size, self.channels, progress)
+                except MetabenchError as exc:
+                    if str(exc).startswith("cannot read image"):
+                        raise self.error(str(exc)) from None
+                    raise
             self._cached[split] = found
         return self._cached[split]
 

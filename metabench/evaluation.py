@@ -73,6 +73,35 @@ class Scores:
                 "per_step": None if self.per_step is None else {str(k): list(v) for k, v in self.per_step.items()}}
 
 
+def score_episode(learner: Learner, protocol: Protocol, source, split: str, draw: EpisodeDraw, index: int, who: str,
+                  device: torch.device, transform: Callable[[Episode], Episode] | None,
+                  with_steps: bool) -> tuple[float, dict | None]:
+    """One test episode: materialize it, ``predict``, score; with ``with_steps`` also the metric
+    after 1, 5 and 10 test-time steps (None: the learner has no step count)."""
+    episode = source.materialize(draw, split).to(device)
+    if transform is not None:
+        episode = transform(episode)
+    try:
+        with torch.no_grad():
+            output = learner.predict(episode.support_x, episode.support_y, episode.query_x)
+    except Exception as exc:
+        raise PluginError(f"{who} failed in predict (episode {index}): {type(exc).__name__}: {exc}") from exc
+    ways = len(draw.classes)
+    value = score(protocol, output, episode.query_y, who, ways)
+    after = metric_after_steps(learner, protocol, episode, who, index, ways) if with_steps else None
+    return value, after
+
+
+def _record(scores: Scores, value: float, after: dict | None) -> None:
+    scores.per_episode.append(value)
+    if scores.per_step is not None:
+        if after is None:
+            scores.per_step = None
+        else:
+            for k, v in after.items():
+                scores.per_step[k].append(v)
+
+
 def evaluate(learner: Learner, protocol: Protocol, source, split: str, draws: Sequence[EpisodeDraw], who: str,
              progress, device: torch.device, scores: Scores,
              transform: Callable[[Episode], Episode] | None = None,
@@ -81,69 +110,31 @@ def evaluate(learner: Learner, protocol: Protocol, source, split: str, draws: Se
 
     transform: applied to each episode before ``predict`` (``metabench eval`` resizes images).
     after_episode(i, scores): called once episode ``i`` is recorded.
-    world: a torchrun run (metabench.distributed.World) shares the episodes out by index and
-    gathers them in episode order (``after_episode`` is then not called).
+    world: a torchrun run (metabench.distributed.World) shares the episodes out by index (episode
+    ``i`` on rank ``i mod N``) and gathers them in episode order (``after_episode`` is then not called).
     """
+    start = len(scores.per_episode)
     if world is not None and world.active:
-        return _evaluate_sharded(learner, protocol, source, split, draws, who, progress, device, scores, transform,
-                                 world)
+        from .distributed import gather_by_index
+
+        mine = [i for i in range(start, len(draws)) if i % world.size == world.rank]
+        progress.start("evaluate", len(mine))
+        local = {}
+        for n, i in enumerate(mine, 1):
+            local[i] = score_episode(learner, protocol, source, split, draws[i], i, who, device, transform,
+                                     scores.per_step is not None)
+            progress.update("evaluate", n)
+        merged = gather_by_index(local, world)
+        for i in range(start, len(draws)):
+            _record(scores, *merged[i])
+        return scores
     progress.start("evaluate", len(draws))
-    for i in range(len(scores.per_episode), len(draws)):
-        episode = source.materialize(draws[i], split).to(device)
-        if transform is not None:
-            episode = transform(episode)
-        try:
-            with torch.no_grad():
-                output = learner.predict(episode.support_x, episode.support_y, episode.query_x)
-        except Exception as exc:
-            raise PluginError(f"{who} failed in predict (episode {i}): {type(exc).__name__}: {exc}") from exc
-        ways = len(draws[i].classes)
-        value = score(protocol, output, episode.query_y, who, ways)
-        after = metric_after_steps(learner, protocol, episode, who, i, ways) if scores.per_step is not None else None
+    for i in range(start, len(draws)):
+        value, after = score_episode(learner, protocol, source, split, draws[i], i, who, device, transform,
+                                     scores.per_step is not None)
         faults.kill_point(f"evaluate:{i}")
-        scores.per_episode.append(value)
-        if scores.per_step is not None:
-            if after is None:
-                scores.per_step = None
-            else:
-                for k, v in after.items():
-                    scores.per_step[k].append(v)
+        _record(scores, value, after)
         progress.update("evaluate", i + 1, mean=sum(scores.per_episode) / len(scores.per_episode))
         if after_episode is not None:
             after_episode(i, scores)
-    return scores
-
-
-def _evaluate_sharded(learner, protocol, source, split, draws, who, progress, device, scores, transform, world):
-    """Episode ``i`` on rank ``i mod N``; every rank gets all values, in episode order."""
-    from .distributed import gather_by_index
-
-    start = len(scores.per_episode)
-    mine = [i for i in range(start, len(draws)) if i % world.size == world.rank]
-    progress.start("evaluate", len(mine))
-    local: dict[int, tuple] = {}
-    for n, i in enumerate(mine, 1):
-        episode = source.materialize(draws[i], split).to(device)
-        if transform is not None:
-            episode = transform(episode)
-        try:
-            with torch.no_grad():
-                output = learner.predict(episode.support_x, episode.support_y, episode.query_x)
-        except Exception as exc:
-            raise PluginError(f"{who} failed in predict (episode {i}): {type(exc).__name__}: {exc}") from exc
-        ways = len(draws[i].classes)
-        value = score(protocol, output, episode.query_y, who, ways)
-        after = metric_after_steps(learner, protocol, episode, who, i, ways) if scores.per_step is not None else None
-        local[i] = (value, after)
-        progress.update("evaluate", n)
-    merged = gather_by_index(local, world)
-    for i in range(start, len(draws)):
-        value, after = merged[i]
-        scores.per_episode.append(value)
-        if scores.per_step is not None:
-            if after is None:
-                scores.per_step = None
-            else:
-                for k, v in after.items():
-                    scores.per_step[k].append(v)
     return scores

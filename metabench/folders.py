@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from .data import FolderImageSource, ImageList, read_split_file
-from .errors import MetabenchError
 from .task import Protocol
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -73,10 +72,6 @@ class SplitFolderSource(FolderImageSource):
             return self._split_override[split]
         return self.split_doc()[split]
 
-    def error(self, message: str) -> MetabenchError:
-        """A one-line error: the data set, what is wrong (naming the path), and the expected layout."""
-        return MetabenchError(f"{self.dataset}: {message} (expected {self.layout})")
-
     def finish(self, split: str, classes: Sequence[str], files: Sequence[Sequence[Path]],
                where: Sequence[object]) -> ImageList:
         """The split's ImageList, after refusing classes with fewer than ``min_images`` files.
@@ -103,11 +98,3 @@ class SplitFolderSource(FolderImageSource):
                 raise self.error(f"class {name} of split {split!r} is missing: no folder {split_dir / name}")
             files.append(image_files(split_dir / name))
         return self.finish(split, expected, files, [split_dir / name for name in expected])
-
-    def cached(self, split: str, progress=None):
-        try:
-            return super().cached(split, progress)
-        except MetabenchError as exc:
-            if str(exc).startswith("cannot read image"):
-                raise self.error(str(exc)) from None
-            raise

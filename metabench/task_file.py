@@ -192,14 +192,6 @@ class TaskFileSource(FolderImageSource):
             raise self.error(f"split {split!r} has {len(names)} classes; {spec.ways}-way episodes need {spec.ways}")
         return ImageList(tuple(names), tuple(tuple(f) for f in files))
 
-    def cached(self, split: str, progress=None):
-        try:
-            return super().cached(split, progress)
-        except MetabenchError as exc:
-            if str(exc).startswith("cannot read image"):
-                raise self.error(str(exc)) from None
-            raise
-
     def listing_sha256(self) -> str:
         """SHA-256 over every split's class names and file names: the identity of the folder."""
         digest = hashlib.sha256(self.spec.layout.encode())

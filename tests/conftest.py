@@ -98,3 +98,31 @@ def write_distribution(root: Path, dist: str, version: str, module: str, source:
     lines = "\n".join(f"{k} = {v}" for k, v in entry_points.items())
     (info / "entry_points.txt").write_text(f"[metabench]\n{lines}\n")
     return root
+
+
+# ----------------------------------------------------------------------------- command-line helpers
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """``metabench ARGV`` in this process: (exit status, stdout, stderr)."""
+    from metabench.cli import main
+
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def error_line(err: str) -> str:
+    """The one ``metabench: error:`` line of ``err`` (asserting there is exactly one and no traceback)."""
+    lines = [line for line in err.splitlines() if line.startswith("metabench: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def flat_tensors(state, prefix: str = "") -> dict:
+    """A nested state dict as {"a.b.c": tensor}."""
+    if not isinstance(state, dict):
+        return {prefix: state}
+    flat = {}
+    for key, value in state.items():
+        flat.update(flat_tensors(value, f"{prefix}.{key}"))
+    return flat

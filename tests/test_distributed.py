@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import flat_tensors
+
 ROOT = Path(__file__).resolve().parents[1]
 
 CASES = {
@@ -40,16 +42,7 @@ def load(out: Path) -> tuple[dict, dict, list]:
     (result,) = out.glob("*.json")
     (saved,) = out.glob("*.learner.pt")
     (curve,) = out.glob("*.curve.jsonl")
-    flat = {}
-
-    def walk(x, prefix):
-        if isinstance(x, dict):
-            for k, v in x.items():
-                walk(v, f"{prefix}.{k}")
-        else:
-            flat[prefix] = x
-
-    walk(torch.load(saved, weights_only=True)["state"], "")
+    flat = flat_tensors(torch.load(saved, weights_only=True)["state"])
     losses = [json.loads(line)["loss"] for line in curve.read_text().splitlines()]
     return json.loads(result.read_text()), flat, losses
 

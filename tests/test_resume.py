@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import error_line, flat_tensors, run_cli
+
 from metabench.checkpoint import CheckpointFolder, identity_difference
-from metabench.cli import main
 from metabench.resume import CheckpointInterval
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,15 +56,8 @@ def subprocess_run(argv: list[str], fault: str | None = None, **kw) -> subproces
 
 
 def cli(capsys, *argv: str) -> tuple[int, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.err
-
-
-def error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("metabench: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
+    code, _, err = run_cli(capsys, *argv)
+    return code, err
 
 
 def result(out: Path) -> dict:
@@ -73,18 +67,7 @@ def result(out: Path) -> dict:
 
 def flat_state(out: Path) -> dict[str, torch.Tensor]:
     (path,) = out.glob("*.learner.pt")
-    state = torch.load(path, weights_only=True)["state"]
-    flat = {}
-
-    def walk(x, prefix):
-        if isinstance(x, dict):
-            for k, v in x.items():
-                walk(v, f"{prefix}.{k}")
-        else:
-            flat[prefix] = x
-
-    walk(state, "")
-    return flat
+    return flat_tensors(torch.load(path, weights_only=True)["state"])
 
 
 def curve(out: Path) -> list[tuple]:

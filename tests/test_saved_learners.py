@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, TinySource, ToyLearner, host_with, tiny_plugin
+from conftest import TINY, TinySource, ToyLearner, error_line, host_with, run_cli, tiny_plugin
 from metabench import Protocol, hookimpl
-from metabench.cli import main
 from metabench.cross_task import evaluate_saved
 from metabench.learner_file import FORMAT_VERSION, read_learner_file
 from metabench.plugins import get_host
@@ -19,16 +18,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 OLD_FILE = FIXTURES / "learner_format1_maml_sinusoid-5s.learner.pt"
 
 
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("metabench: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
+cli = run_cli
 
 
 def run(capsys, out: Path, learner: str, *extra: str) -> tuple[dict, Path | None]:

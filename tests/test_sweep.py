@@ -9,22 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from metabench.cli import main
+from conftest import error_line, run_cli
+
 from metabench.sweep import Cell, grid_from_table, read_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("metabench: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
+cli = run_cli
 
 
 def write_grid(tmp_path: Path, grid: str, launcher: str = 'name = "local"\nworkers = 2\nlive = false') -> Path:

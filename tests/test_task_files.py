@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import error_line, run_cli
 from PIL import Image
 
-from metabench.cli import main
 
 SIZES = {"train": (6, 5), "val": (5, 4), "test": (5, 4)}  # classes, images per class
 
@@ -30,7 +31,7 @@ def make_folder(root: Path, layout: str = "splits") -> None:
 
 
 def task_file(tmp_path: Path, extra: str = "", layout: str = "splits") -> Path:
-    lines = [f'folder = "data"', 'channels = 3', 'image_size = 16', 'ways = 3', 'shots = 1', 'queries = 2',
+    lines = ['folder = "data"', 'channels = 3', 'image_size = 16', 'ways = 3', 'shots = 1', 'queries = 2',
              'episodes = 5', f'layout = "{layout}"']
     if layout == "classes":
         lines.append('split_file = "data/split.json"')
@@ -46,16 +47,7 @@ def data(tmp_path, monkeypatch):
     return tmp_path
 
 
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("metabench: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
+cli = run_cli
 
 
 def run(capsys, path: Path, out: Path, *extra: str) -> tuple[int, str]:
