@@ -7,6 +7,8 @@ leaderboard holds no result yet for the same task, learner, backbone, budget, se
 training task. A cross-task result (``trained_on.task`` names another task: a saved learner evaluated
 by ``metabench eval``) is validated against the task it was tested on, like any other; its training
 task must be a plain name, and is part of what tells it apart from the same-task run of that seed.
+A result of a task file (``task.task_file``) is checked against that file and its folder as they are
+now: a folder whose class or file names changed gives another ``data_sha256`` and is refused.
 All files are validated before any is copied: one refusal copies nothing.
 """
 from __future__ import annotations
@@ -57,10 +59,17 @@ def validate(path: Path, host, hash_cache: dict | None = None, roots=None) -> di
     for what, name in names:
         if not _NAME.match(name):
             raise MetabenchError(f"{path}: refused: {what} name {name!r} is not a plain lowercase name")
-    try:
-        protocol, source, _ = host.task(task["name"])
+    try:  # a task file's result is checked against the task file it names (its folder as it is now)
+        protocol, source, _ = host.task(task["task_file"] if isinstance(task.get("task_file"), str) else task["name"])
     except MetabenchError as exc:
         raise MetabenchError(f"{path}: refused: {exc}") from None
+    if protocol.name != task["name"]:
+        raise MetabenchError(f"{path}: refused: its task file {task['task_file']} now defines task {protocol.name}, "
+                             f"not {task['name']}")
+    if task.get("data_sha256") != protocol.data_sha256:
+        raise MetabenchError(f"{path}: refused: made from another copy of the data of {protocol.name} (data_sha256 "
+                             f"{str(task.get('data_sha256'))[:12]}…; the folder now gives "
+                             f"{str(protocol.data_sha256)[:12]}…): a changed folder is another data set")
     if task["version"] != protocol.version:
         age = "an older" if task["version"] < protocol.version else "a newer"
         raise MetabenchError(f"{path}: refused: made with {age} version of task {protocol.name} (v{task['version']}; "

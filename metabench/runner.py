@@ -480,6 +480,7 @@ def task_section(protocol: Protocol, draws) -> dict:
             "metric": protocol.metric, "higher_is_better": protocol.higher_is_better,
             "problem": protocol.problem, "image_size": protocol.image_size,
             **({"data_sha256": protocol.data_sha256} if protocol.data_sha256 else {}),
+            **({"task_file": protocol.task_file} if protocol.task_file else {}),
             **({"episode_sampler": protocol.episode_sampler} if protocol.episode_sampler != "fixed" else {})}
 
 

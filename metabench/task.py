@@ -51,6 +51,8 @@ class Protocol:
     #: SHA-256 of the data it is drawn from, where the task has no fixed release (a task file's
     #: folder: its class and file names); results record it as ``task.data_sha256``
     data_sha256: str | None = None
+    #: the task file that defines it (metabench.task_file), as given on the command line
+    task_file: str | None = None
     #: "fixed" (ways x shots, ways x queries) or "meta-dataset": variable ways and shots
     #: (metabench.variable_episodes; ways, shots and queries are then the sampler's caps)
     episode_sampler: str = "fixed"

@@ -207,6 +207,6 @@ def load_task_file(path: str | Path) -> tuple[Protocol, TaskFileSource]:
     identity = source.listing_sha256()
     protocol = Protocol(name=f"{spec.name}-{spec.ways}w{spec.shots}s", version=1, dataset=spec.name, ways=spec.ways,
                         shots=spec.shots, queries=spec.queries, episodes=spec.episodes, image_size=spec.image_size,
-                        channels=spec.channels, data_sha256=identity,
+                        channels=spec.channels, data_sha256=identity, task_file=str(spec.path),
                         description=f"task file {spec.path}: {spec.folder}")
     return protocol, source

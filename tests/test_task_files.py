@@ -139,3 +139,21 @@ def test_bad_task_files_are_refused_in_one_line(capsys, data, extra, fragment):
     assert code == 2 and fragment in error_line(err)
     code, err = run(capsys, data / "nothere.toml", data / "out")
     assert code == 2 and "no such task file" in error_line(err)
+
+
+def test_publish_takes_a_task_files_result_and_refuses_it_once_the_folder_changed(capsys, data):
+    path = task_file(data)
+    assert run(capsys, path, data / "a")[0] == 0
+    (result_path,) = (data / "a").glob("*.json")
+    assert json.loads(result_path.read_text())["task"]["task_file"] == str(path)
+    board = data / "board"
+    code, out, err = cli(capsys, "publish", str(result_path), "--to", str(board))
+    assert code == 0, err
+    assert len(list(board.glob("mine-3w1s/protonet/*.json"))) == 1
+    (data / "data" / "test" / "test_c0" / "img0.png").rename(data / "data" / "test" / "test_c0" / "other.png")
+    assert run(capsys, path, data / "b")[0] == 0
+    (stale,) = [p for p in (data / "a").glob("*.json")]
+    shutil.rmtree(board)
+    code, _, err = cli(capsys, "publish", str(stale), "--to", str(board))
+    assert code == 2 and "made from another copy of the data of mine-3w1s" in error_line(err)
+    assert not board.exists() or not list(board.rglob("*.json"))
