@@ -37,11 +37,12 @@ BENCHMARKS = {
     "gpu": "bench_gpu.py",  # needs CUDA: on a GPU machine, benchmarks/gpu_run.sh; kept from its last run
     "sine": "bench_sine.py",
     "checkpoint": "bench_checkpoint.py",
+    "cli": "bench_cli.py",
 }
 HERE = Path(__file__).resolve().parent
 STORE = HERE / "results"
 
-GPU_NOTE = ("Sections 1-5, 7 and 8 were measured on this CPU machine. Section 6 (GPU path) was measured on a lent "
+GPU_NOTE = ("Sections 1-5 and 7-9 were measured on this CPU machine. Section 6 (GPU path) was measured on a lent "
             "GPU machine with `benchmarks/gpu_run.sh` (its own hardware and software are listed there); "
             "without CUDA, `run_all.py` keeps that section from its last run.")
 NO_GPU_NOTE = ("No GPU path was measured: no GPU was available (torch.cuda.is_available() is False). "

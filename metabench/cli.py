@@ -18,7 +18,7 @@ from . import __version__
 from .cli_leaderboard import add_parsers as add_leaderboard_parsers, cmd_leaderboard, cmd_publish
 from .config import RUN_KEYS, parse_set, read_toml
 from .errors import MetabenchError, PluginError
-from .learner import BUDGETS
+from .settings import BUDGETS
 
 DEFAULTS = {"task": "kanji-5w1s", "backbone": None, "seed": 0, "budget": "quick", "episodes": None,
             "device": "cpu", "out": "metabench-results", "checkpoint_every": "5m"}
@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("list", help="list registered learners, tasks or backbones")
     lst.add_argument("kind", nargs="?", choices=("learners", "tasks", "backbones", "launchers"),
                      help="what to list (default: all)")
+    lst.add_argument("--long", action="store_true", help="learners: the full reference of each paper")
 
     sub.add_parser("plugins", help="list loaded plugins with distribution, version and hooks")
 
@@ -357,15 +358,35 @@ def result_table(doc: dict) -> Table:
     return table
 
 
+def short_reference(text: str) -> str:
+    """'Finn, Abbeel & Levine. Model-Agnostic ... ICML 2017.' -> 'Finn et al. 2017' (the first
+    author and the first year); a metabench-defined variant says so."""
+    import re
+
+    if not text:
+        return ""
+    if text.lower().startswith("metabench"):
+        return "metabench variant"
+    authors = text.split(". ")[0]
+    first = re.split(r",| & | and ", authors)[0].strip()
+    surname = first.split()[-1] if first.split() else first
+    many = "," in authors or "&" in authors or " and " in authors
+    year = re.search(r"\b(19|20)\d\d\b", text)
+    return f"{surname}{' et al.' if many else ''}{' ' + year.group(0) if year else ''}"
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     host = _host()
     kinds = [args.kind] if args.kind else ["learners", "tasks", "backbones", "launchers"]
     if "learners" in kinds:
-        table = make_table("learners", "name", "plugin", "problems", "transductive", "backbone", "reference")
+        table = make_table("learners (transd.: transductive; --long: full references)", "name", "plugin",
+                           "problems", "transd.", "backbone", "reference")
         for e in host.learners:
             c = e.obj
-            table.add_row(e.name, e.plugin, ", ".join(sorted(c.problem_types)), "yes" if c.transductive else "no",
-                          c.default_backbone, c.reference)
+            problems = ", ".join({"classification": "class.", "regression": "regr."}.get(p, p)
+                                 for p in sorted(c.problem_types))
+            table.add_row(e.name, e.plugin, problems, "yes" if c.transductive else "no", c.default_backbone,
+                          c.reference if args.long else short_reference(c.reference))
         out.print(table)
     if "tasks" in kinds:
         table = make_table("tasks (metric ↑ higher is better, ↓ lower)", "name", "v", "episode", "episodes", "input",

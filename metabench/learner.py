@@ -23,10 +23,9 @@ from torch import nn
 from . import faults
 from .backbone import Backbone
 from .episodes import TrainSampler
-from .settings import check_settings
+from .settings import BUDGETS, check_settings
 from .task import ClassImageSource, DataSource, Protocol
 
-BUDGETS = ("smoke", "quick", "paper")
 
 
 class TrainingDiverged(RuntimeError):

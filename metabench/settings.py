@@ -22,6 +22,10 @@ import typing
 from collections.abc import Iterable
 from typing import Any
 
+#: The training budgets every learner defines (smoke: seconds, for tests; quick: a few minutes on a
+#: 2-core CPU; paper: the published training length).
+BUDGETS = ("smoke", "quick", "paper")
+
 __all__ = ["setting", "check_settings"]
 
 _KEY = "metabench"  # the dataclasses field-metadata key of a setting's constraints

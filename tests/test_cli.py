@@ -248,3 +248,28 @@ def test_paper_budget_applies_the_learners_paper_config(capsys, tmp_path, host, 
                        "--set", "steps=6", "--episodes", "3", "--out", str(tmp_path / "out2"))
     (path,) = (tmp_path / "out2").glob("*.json")
     assert json.loads(path.read_text())["learner"]["config"]["steps"] == 6  # --set wins over the paper config
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["run", "--help"], ["run", "--learner", "x", "--budget", "huge"]])
+def test_version_help_and_argument_errors_answer_without_importing_torch(argv):
+    code = ("import sys\nfrom metabench.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n" % argv)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_list_learners_is_readable_at_80_columns(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    from metabench import cli as cli_module
+    from rich.console import Console
+
+    monkeypatch.setattr(cli_module, "out", Console(width=80, highlight=False))
+    code, out, _ = cli(capsys, "list", "learners")
+    assert code == 0
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    maml = next(i for i, line in enumerate(lines) if "│ maml " in line)
+    assert "Finn et al." in lines[maml] and "2017" in lines[maml + 1]  # short references, whole words
+    assert not any("classifica" in line and "classification" not in line for line in lines)
+    code, out, _ = cli(capsys, "list", "learners", "--long")
+    assert "Abbeel" in out  # the full reference names every author
