@@ -238,3 +238,44 @@ def test_paper_trained_maml_is_stable_after_one_step_and_not_after_ten():
     assert max(after[steps]) < 10
     # ten steps of the same size: episodes that one step fits well end many times worse
     assert int(((ten > 20 * one) & (ten > 5)).sum()) >= 2
+
+
+def test_anils_quick_sinusoid_10s_outliers_are_the_episodes_where_its_test_steps_are_unstable():
+    """The committed quick anil run on sinusoid-10s has one episode with MSE 2,242 after its 10 test
+    steps (median 0.28). ANIL's head is linear, so its support loss is quadratic with Hessian
+    (2/N) X^T X over the body's features X (bias column included): gradient descent with step 0.01
+    diverges exactly where the largest eigenvalue exceeds 2 / 0.01 = 200. With the learner that run
+    trained (the same weights: tests/fixtures/anil_sinusoid-10s_quick_seed0.learner.pt, whose re-run
+    equals the committed per-episode values), the only two such episodes are the two whose error
+    grows every step: the algorithm, tested with 10 steps after training for 1, not a defect."""
+    import glob
+
+    from metabench.cross_task import saved_config
+    from metabench.episodes import eval_draws
+    from metabench.learner_file import read_learner_file
+    from metabench.runner import RunPlan, RunRequest, build_learner
+
+    fixture = Path(__file__).parent / "fixtures" / "anil_sinusoid-10s_quick_seed0.learner.pt"
+    doc = read_learner_file(fixture)
+    host = get_host()
+    entry = host.learners.get("anil")
+    protocol, source, plugin = host.task("sinusoid-10s")
+    config = saved_config(entry.obj, doc["learner"]["config"], fixture, "anil")
+    options = dict(doc["backbone"]["options"])
+    plan = RunPlan(RunRequest(learner="anil", task=protocol.name), entry, protocol, source, plugin, "mlp", options,
+                   options, config, torch.device("cpu"), protocol.episodes)
+    learner = build_learner(plan, host)
+    learner.load_state_dict(doc["state"])
+    limit = 2.0 / config.inner_lr
+    steep = []
+    with torch.no_grad():
+        for i, draw in enumerate(eval_draws(protocol, source, "test", protocol.episodes)):
+            phi = learner.body(source.materialize(draw, "test").support_x)
+            design = torch.cat([phi, torch.ones(len(phi), 1)], dim=1).double()
+            if torch.linalg.eigvalsh(2.0 / len(phi) * design.T @ design)[-1].item() > limit:
+                steep.append(i)
+    (committed,) = glob.glob(str(ROOT / "leaderboards/results/sinusoid-10s/anil/*quick*seed0*.json"))
+    after = json.loads(Path(committed).read_text())["per_step"]
+    exploding = [i for i, v in enumerate(after["10"]) if v > 10 * after["1"][i] and v > 10]
+    assert steep == exploding == [26, 85]
+    assert max(after["10"]) == after["10"][85] > 1000
