@@ -29,6 +29,7 @@ import hashlib
 import io
 import json
 import math
+import statistics
 import os
 import re
 import tomllib
@@ -193,6 +194,17 @@ class Row:
         k = len(self.results)
         self.per_episode = [math.fsum(r.doc["per_episode"][i] for r in self.results) / k for i in range(n)]
         self.summary = summarize(self.per_episode)
+
+    @property
+    def median(self) -> float:
+        """The median episode (of the per-episode values averaged over seeds)."""
+        return statistics.median(self.per_episode)
+
+    def worst(self, higher_is_better: bool) -> tuple[float, int]:
+        """The worst episode's value and index (lowest accuracy, highest error)."""
+        pick = min if higher_is_better else max
+        value = pick(self.per_episode)
+        return value, self.per_episode.index(value)
 
     @property
     def seed_means(self) -> list[float]:
@@ -437,6 +449,8 @@ def row_record(r: Row, out_dir: Path) -> dict:
     return {
         "rank": r.rank, "learner": r.learner, "backbone": r.backbone, "settings_sha256": r.settings,
         "mean": _r(r.summary.mean), "ci95": _r(r.summary.ci95), "std": _r(r.summary.std),
+        "median": _r(r.median), "worst": _r(r.per_episode[r.worst(r.results[0].doc["task"]["higher_is_better"])[1]]),
+        "worst_episode": r.worst(r.results[0].doc["task"]["higher_is_better"])[1],
         "episodes": r.summary.n, "episodes_sha256": r.episodes_sha256,
         "seeds": [x.seed for x in r.results], "seed_means": [_r(m) for m in r.seed_means], "seed_std": _r(r.seed_std),
         "transductive": r.transductive, "meta_train_s": _r(r.mean_of("timing", "meta_train_s")),
@@ -473,7 +487,8 @@ def render_json(board: Board, out_dir: Path, published: list[Published]) -> byte
     return (json.dumps(doc, indent=1, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n").encode()
 
 
-CSV_COLUMNS = ("budget", "task_version", "rank", "learner", "backbone", "settings_sha256", "mean", "ci95", "episodes",
+CSV_COLUMNS = ("budget", "task_version", "rank", "learner", "backbone", "settings_sha256", "mean", "ci95", "median",
+               "worst", "worst_episode", "episodes",
                "episodes_sha256", "seeds", "seed_std", "transductive", "meta_train_s", "eval_s", "devices",
                "metabench_versions", "vs_best", "p_value", "p_holm", "results")
 
@@ -517,7 +532,10 @@ def render_markdown(board: Board, out_dir: Path, published: list[Published]) -> 
              "episodes ± half-width of the 95% Student-t interval; for several training seeds, of the per-episode "
              "values averaged over the seeds (`seeds` gives the standard deviation of the per-seed means). "
              f"`vs best`: paired t-test against the best row on the identical episodes, Holm-corrected across "
-             f"the rows of the section; `tied` means not significantly different at α = {ALPHA}. Times are per seed.",
+             f"the rows of the section; `tied` means not significantly different at α = {ALPHA}. Times are per seed. "
+             f"`median` and `worst` are the median and the worst test episode ({'lowest' if board.higher_is_better else 'highest'} {m}, "
+             "with its index): a mean far from the median, or a worst episode far from the rest, is an outlier the "
+             "mean and its interval average away.",
              "", _NOTICE, "", f"![{board.task}: {m} per row, mean with 95% CI]({board.task}.svg)", ""]
     mine = [p for p in published if p.task == board.task]
     if mine:
@@ -525,8 +543,8 @@ def render_markdown(board: Board, out_dir: Path, published: list[Published]) -> 
         lines += [f"- {p.learner}{f' ({p.backbone})' if p.backbone else ''}: {fmt_published(p, m)} — {p.source}"
                   + (f" ({p.note})" if p.note else "") for p in mine]
         lines.append("")
-    header = ("rank", "learner", "backbone", f"{m} (95% CI)", "episodes", "seeds", "transductive", "meta-train",
-              "eval", "device", "metabench", "vs best", "results")
+    header = ("rank", "learner", "backbone", f"{m} (95% CI)", "median", "worst", "episodes", "seeds", "transductive",
+              "meta-train", "eval", "device", "metabench", "vs best", "results")
     stepwise = any(r.metric_after_steps(k) for s in board.sections for r in s.rows for k in PER_STEP_KEYS)
     if stepwise:
         header = header[:4] + ("test steps", *(f"after {k}" for k in PER_STEP_KEYS)) + header[4:]
@@ -543,8 +561,10 @@ def render_markdown(board: Board, out_dir: Path, published: list[Published]) -> 
                   "|" + "|".join("---:" if h in ("rank", "episodes", "meta-train", "eval") else "---" for h in header) + "|"]
         for r in s.rows:
             links = ", ".join(f"[seed {x.seed}]({_link(x.path, out_dir)})" for x in r.results)
+            worst, at = r.worst(board.higher_is_better)
             cells = ("" if r.rank is None else str(r.rank), _label(r), r.backbone,
-                     fmt_mean_ci(r.summary.mean, r.summary.ci95, m), str(r.summary.n), _seeds(r, m), r.transductive,
+                     fmt_mean_ci(r.summary.mean, r.summary.ci95, m), fmt_num(r.median, m),
+                     f"{fmt_num(worst, m)} (#{at})", str(r.summary.n), _seeds(r, m), r.transductive,
                      f"{r.mean_of('timing', 'meta_train_s'):.1f} s", f"{r.mean_of('timing', 'eval_s'):.1f} s",
                      ", ".join(r.devices), ", ".join(sorted({str(x.doc['metabench_version']) for x in r.results})),
                      r.note, links)

@@ -489,3 +489,18 @@ def one_error_line(err: str) -> str:
     lines = [x for x in err.splitlines() if x.startswith("metabench: error:")]
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
+
+
+def test_each_row_shows_its_median_and_worst_episode_so_an_outlier_is_seen(lb):
+    out, results = lb
+    values = [0.3] * 40
+    values[17] = 2000.0  # one diverging episode: the mean is 50.3, the median 0.3
+    write_result(make_doc(values, task="sinusoid-10s", learner="anil", metric="mse", higher=False), results)
+    write_result(make_doc([0.4] * 40, task="sinusoid-10s", learner="maml", metric="mse", higher=False), results)
+    build([results], out)
+    md = (out / "sinusoid-10s.md").read_text()
+    assert "| median | worst |" in md and "the worst test episode (highest mse" in md
+    anil = next(line for line in md.splitlines() if "| anil |" in line)
+    assert "| 0.3000 | 2000 (#17) |" in anil
+    (row,) = [r for r in rows(out, "sinusoid-10s") if r["learner"] == "anil"]
+    assert row["median"] == 0.3 and row["worst"] == 2000.0 and row["worst_episode"] == 17
