@@ -83,15 +83,20 @@ class AttributeState:
             setattr(self.owner, n, copy.deepcopy(state[n]))
 
 
+def check_trackable(name: str, obj: Any) -> None:
+    """TypeError unless a checkpoint can keep ``obj`` (a tensor, or an object with state_dict() and
+    load_state_dict())."""
+    if not isinstance(obj, torch.Tensor) and not (callable(getattr(obj, "state_dict", None))
+                                                  and callable(getattr(obj, "load_state_dict", None))):
+        raise TypeError(f"ctx.track({name!r}): a {type(obj).__name__} has no state_dict()/load_state_dict(); "
+                        "track modules, optimisers, schedulers, tensors, or wrap plain attributes in "
+                        "metabench.AttributeState")
+
+
 def object_state(name: str, obj: Any) -> Any:
     """What a checkpoint keeps of one tracked object: a tensor's values, else its ``state_dict()``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
-    if callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None)):
-        return obj.state_dict()
-    raise TypeError(f"ctx.track({name!r}): a {type(obj).__name__} has no state_dict()/load_state_dict(); "
-                    "track modules, optimisers, schedulers, tensors, or wrap plain attributes in "
-                    "metabench.AttributeState")
+    check_trackable(name, obj)
+    return obj.detach().clone() if isinstance(obj, torch.Tensor) else obj.state_dict()
 
 
 def load_object_state(name: str, obj: Any, state: Any) -> None:

@@ -16,24 +16,22 @@ task, so the leaderboard puts it in a section of its own.
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from . import __version__
 from .data import DataRoots
 from .episodes import eval_draws
 from .errors import MetabenchError
 from .evaluation import Scores, evaluate
 from .learner_file import read_learner_file, sha256_of
 from .plugins import PluginHost
-from .results import SCHEMA_VERSION
-from .runner import (NoProgress, Progress, RunPlan, RunRequest, build_learner, environment, git_commit,
-                     learner_version, prepare_split, resolve_device, task_section)
-from .stats import summarize
+from .learner import Learner
+from .runner import (NoProgress, Progress, RunPlan, RunRequest, build_learner, git_commit, prepare_split,
+                     resolve_device, result_document)
 from .task import Episode, Protocol
 
 RESIZE_MODE = "bilinear"
@@ -80,10 +78,23 @@ def resizer(size: int):
     return transform
 
 
-def evaluate_saved(path: str | Path, host: PluginHost, task: str | None = None, episodes: int | None = None,
-                   device: str = "cpu", roots: DataRoots | None = None, progress: Progress | None = None) -> dict:
-    """Score the saved learner ``path`` on ``task`` (default: the one it was trained on); returns
-    the result document (not yet written)."""
+@dataclass
+class SavedLearner:
+    """A learner file loaded into a learner built for a task: ``doc`` (the file's contents), the
+    ``plan`` it runs under (the task's protocol and data source) and the ``learner``, its state
+    loaded. ``trained_size``: the image size it was trained on (and built for)."""
+
+    path: Path
+    doc: dict
+    plan: RunPlan
+    learner: Learner
+    trained_size: int
+
+
+def load_saved_learner(path: str | Path, host: PluginHost, task: str | None = None, episodes: int | None = None,
+                       device: str = "cpu") -> SavedLearner:
+    """Read a learner file and build its learner for ``task`` (default: the one it was trained on),
+    refusing in one line a file or task it cannot take."""
     path = Path(path)
     doc = read_learner_file(path)
     name, plugin = doc["learner"]["name"], doc["learner"]["plugin"]
@@ -91,24 +102,17 @@ def evaluate_saved(path: str | Path, host: PluginHost, task: str | None = None, 
         raise MetabenchError(f"{path}: learner {name!r} (plugin {plugin!r}) is not installed here "
                              "(see `metabench plugins`)")
     entry = host.learners.get(name)
-    cls = entry.obj
     protocol, source, task_plugin = host.task(task or doc["task"]["name"])
-    check_fits(doc, cls, protocol, path)
+    check_fits(doc, entry.obj, protocol, path)
     if episodes is not None and episodes < 1:
         raise MetabenchError(f"--episodes {episodes}: must be a positive integer")
     trained_size = int(doc["task"]["image_size"])
-    config = saved_config(cls, doc["learner"]["config"], path, name)
+    config = saved_config(entry.obj, doc["learner"]["config"], path, name)
     options = dict(doc["backbone"]["options"])
     request = RunRequest(learner=name, task=protocol.name, backbone=doc["backbone"]["name"], seed=int(doc["seed"]),
                          budget=str(doc["budget"]), episodes=episodes, device=device)
     plan = RunPlan(request, entry, protocol, source, task_plugin, doc["backbone"]["name"], options, options, config,
                    resolve_device(device), episodes or protocol.episodes)
-    progress = progress or NoProgress()
-    commit = git_commit()
-    source.set_roots(roots or DataRoots.from_settings())
-    prepare_split(source, protocol.eval_split, task_plugin, progress)
-    draws = eval_draws(protocol, source, protocol.eval_split, plan.episodes)
-
     learner_protocol = dataclasses.replace(protocol, image_size=trained_size) \
         if protocol.image_size != trained_size else protocol
     torch.manual_seed(request.seed)
@@ -118,35 +122,35 @@ def evaluate_saved(path: str | Path, host: PluginHost, task: str | None = None, 
     except (ValueError, RuntimeError, KeyError) as exc:
         raise MetabenchError(f"{path}: the saved state does not fit learner {name!r} as installed: "
                              f"{str(exc).splitlines()[0][:200]}") from None
+    return SavedLearner(path, doc, plan, learner, trained_size)
+
+
+def evaluate_saved(path: str | Path, host: PluginHost, task: str | None = None, episodes: int | None = None,
+                   device: str = "cpu", roots: DataRoots | None = None, progress: Progress | None = None) -> dict:
+    """Score the saved learner ``path`` on ``task`` (default: the one it was trained on); returns
+    the result document (not yet written)."""
+    saved = load_saved_learner(path, host, task, episodes, device)
+    doc, plan, learner, trained_size = saved.doc, saved.plan, saved.learner, saved.trained_size
+    protocol, source = plan.protocol, plan.source
+    progress = progress or NoProgress()
+    commit = git_commit()
+    source.set_roots(roots or DataRoots.from_settings())
+    prepare_split(source, protocol.eval_split, plan.task_plugin, progress)
+    draws = eval_draws(protocol, source, protocol.eval_split, plan.episodes)
     resized = protocol.problem == "classification" and protocol.image_size != trained_size
     scores = Scores(protocol.problem)
     started = time.perf_counter()
     evaluate(learner, protocol, source, protocol.eval_split, draws, plan.who, progress, plan.device, scores,
              transform=resizer(trained_size) if resized else None)
     eval_s = time.perf_counter() - started
-    per_step = scores.record()["per_step"]
     trained = doc["task"]
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "metabench_version": __version__,
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "task": task_section(protocol, draws),
-        "learner": {"name": name, "plugin": entry.plugin, "version": learner_version(entry, host),
-                    "config": dataclasses.asdict(config), "transductive": bool(cls.transductive),
-                    "saved_with": {"plugin_version": doc["learner"].get("version"),
-                                   "metabench_version": doc.get("metabench_version")}},
-        "backbone": {"name": plan.backbone, "options": options, "out_features": learner.backbone.out_features,
-                     "parameters": sum(p.numel() for p in learner.backbone.module.parameters())},
-        "seed": request.seed,
-        "budget": request.budget,
-        "trained_on": {"task": trained["name"], "version": trained["version"], "image_size": trained_size,
-                       "learner_file": path.name, "learner_file_sha256": sha256_of(path)},
-        **({"resized": {"from": protocol.image_size, "to": trained_size, "mode": f"{RESIZE_MODE}, antialiased"}}
-           if resized else {}),
-        **({"validation": doc["validation"]} if doc.get("validation") else {}),
-        "per_episode": scores.per_episode,
-        "summary": summarize(scores.per_episode).to_dict(),
-        **({"per_step": per_step} if per_step is not None else {}),
-        "timing": {"meta_train_s": 0.0, "eval_s": round(eval_s, 3)},
-        "environment": environment(plan.device, commit),
-    }
+    return result_document(
+        plan, host, learner, draws, scores, commit=commit,
+        learner_extra={"saved_with": {"plugin_version": doc["learner"].get("version"),
+                                      "metabench_version": doc.get("metabench_version")}},
+        trained_on={"task": trained["name"], "version": trained["version"], "image_size": trained_size,
+                    "learner_file": saved.path.name, "learner_file_sha256": sha256_of(saved.path)},
+        extra={**({"resized": {"from": protocol.image_size, "to": trained_size, "mode": f"{RESIZE_MODE}, antialiased"}}
+                  if resized else {}),
+               **({"validation": doc["validation"]} if doc.get("validation") else {})},
+        timing={"meta_train_s": 0.0, "eval_s": round(eval_s, 3)})

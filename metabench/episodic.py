@@ -34,7 +34,7 @@ def train_on_episodes(ctx: TrainContext, parameters: Iterable[torch.nn.Parameter
         if lr_step else None
     world = ctx.world
     replay = None
-    if world is not None and world.active:  # BatchNorm running statistics as one process would have them
+    if world.active:  # BatchNorm running statistics as one process would have them
         from .distributed import RunningStatsReplay
 
         replay = RunningStatsReplay([m for m in ctx.tracked.values() if isinstance(m, torch.nn.Module)], world)

@@ -22,8 +22,9 @@ from torch import nn
 
 from . import faults
 from .backbone import Backbone
+from .distributed import SINGLE, World, average_value, shard, unshard
 from .episodes import TrainSampler
-from .settings import BUDGETS, check_settings
+from .settings import check_settings
 from .task import ClassImageSource, DataSource, Protocol
 
 
@@ -105,23 +106,19 @@ class TrainContext:
     harness_steps: bool = False  # the learner used :meth:`steps`
     hooks: StepHooks = field(default_factory=StepHooks)
     #: this process's place in a torchrun run (metabench.distributed); one process by default
-    world: Any = None
+    world: World = SINGLE
 
     def shard(self, items: Sequence, what: str = "tasks") -> list:
         """This process's share of a meta-batch (all of it in a one-process run): every N-th item of
         ``items`` from this rank, N the number of processes. Every rank draws the same meta-batch;
         the harness averages the gradients over ranks before the optimiser steps. The count must be
         a multiple of N (else the run is refused with one line)."""
-        from .distributed import SINGLE, shard
-
-        return shard(items, self.world or SINGLE, what)
+        return shard(items, self.world, what)
 
     def unshard(self, local: Sequence) -> list:
         """Every rank's per-item results of :meth:`shard`'s share, in the meta-batch's order (a
         learner whose next step depends on all tasks' outcomes, e.g. MTL's hard tasks)."""
-        from .distributed import SINGLE, unshard
-
-        return unshard(local, self.world or SINGLE)
+        return unshard(local, self.world)
 
     def pooled_train(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All training images (uint8 [N, C, H, W]) and their class labels (int64 [N])."""
@@ -166,9 +163,7 @@ class TrainContext:
         if parameters is None:
             parameters = [] if optimizer is None else [p for g in optimizer.param_groups for p in g["params"]]
         grads = [p for p in parameters if p.grad is not None]
-        if self.world is not None and self.world.active:  # every rank sees the same loss and gradients
-            from .distributed import average_value
-
+        if self.world.active:  # every rank sees the same loss and gradients
             value = average_value(value, self.world, self.device)
         self.gradient_hook(grads)  # before the checks: a NaN on one rank reaches all, and all stop
         where = f"{self.phase or 'training'} step {self.current}"

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime as _dt
 from pathlib import Path
-from typing import Any
 
 from . import __version__
 from .checkpoint import atomic_save, load_file
@@ -78,11 +77,6 @@ def read_learner_file(path: str | Path) -> dict:
             raise MetabenchError(f"{path}: damaged learner file (missing {key}"
                                  f"{'.' + '/'.join(fields) if fields else ''})")
     return doc
-
-
-def describe(doc: dict[str, Any]) -> str:
-    t = doc["task"]
-    return f"{doc['learner']['name']} trained on {t['name']} (seed {doc['seed']}, budget {doc['budget']})"
 
 
 def sha256_of(path: Path) -> str:

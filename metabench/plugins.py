@@ -24,7 +24,8 @@ from torch import nn
 from . import hookspecs
 from .backbone import Backbone
 from .errors import MetabenchError, PluginError
-from .learner import BUDGETS, Learner
+from .learner import Learner
+from .settings import BUDGETS
 from .lifecycle import RunInfo
 from .registry import Entry, Registry
 from .task import PROBLEM_TYPES, DataSource, Protocol

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from . import faults
-from .checkpoint import (CheckpointFolder, atomic_save, identity_difference, load_file, load_object_state,
-                         object_state, rng_state, set_rng_state)
+from .checkpoint import (CheckpointFolder, atomic_save, check_trackable, identity_difference, load_file,
+                         load_object_state, object_state, rng_state, set_rng_state)
 from .errors import MetabenchError, PluginError
 from .learner import StepHooks, TrainContext
 
@@ -87,24 +87,24 @@ class RunFolder:
         self.root = Path(out_dir) / "checkpoints"
         self.path = self.root / name
         self.checkpoints = CheckpointFolder(self.path)
+        self.started_as: str | None = None  # the run id in run.pt, once load_latest has read it
 
     def exists(self) -> bool:
         return (self.path / RUN_FILE).exists()
 
-    def identity(self, folder: Path | None = None) -> dict:
+    def read_run_file(self, folder: Path | None = None) -> dict:
+        """``run.pt``: {"identity": what defines the run, "run_id": the id it started with}."""
         doc = load_file((folder or self.path) / RUN_FILE, "metabench run file")
         if not isinstance(doc.get("identity"), dict):
             raise MetabenchError(f"{(folder or self.path) / RUN_FILE}: damaged metabench run file")
-        return doc["identity"]
+        return doc
+
+    def identity(self, folder: Path | None = None) -> dict:
+        return self.read_run_file(folder)["identity"]
 
     def start(self, identity: dict, run_id: str) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_save({"identity": identity, "run_id": run_id}, self.path / RUN_FILE)
-
-    def run_id(self) -> str | None:
-        """The run id the run started with (a resumed run keeps it: its training curve continues)."""
-        doc = load_file(self.path / RUN_FILE, "metabench run file")
-        return doc.get("run_id") if isinstance(doc.get("run_id"), str) else None
 
     def has_progress(self) -> bool:
         """Whether there is anything to resume from (a checkpoint or evaluation progress)."""
@@ -141,7 +141,9 @@ class RunFolder:
         another run's or damaged (naming the file, and the older one that is kept)."""
         if not self.exists():
             raise MetabenchError(self.nearest_difference(identity))
-        difference = identity_difference(self.identity(), identity)
+        run_file = self.read_run_file()
+        self.started_as = run_file.get("run_id") if isinstance(run_file.get("run_id"), str) else None
+        difference = identity_difference(run_file["identity"], identity)
         if difference:
             raise MetabenchError(f"--resume: {self.path} is another run: {difference}")
         for stale in self.path.glob(".*.tmp"):  # a write the killed process never finished
@@ -239,7 +241,7 @@ class TrainingState(StepHooks):
     # -------------------------------------------------------------- StepHooks
 
     def on_track(self, name: str, obj: Any) -> None:
-        object_state(name, obj)  # a tracked object must be checkpointable: fail at track time
+        check_trackable(name, obj)  # a tracked object must be checkpointable: fail at track time
         if self.resume and name in self.resume["tracked"]:
             try:
                 load_object_state(name, obj, self.resume["tracked"][name])
@@ -273,8 +275,6 @@ class TrainingState(StepHooks):
             self.save()
 
     def on_phase_end(self, phase: str, total: int) -> None:
-        if self.validator is not None:
-            self.validator.after_phase(phase, total)
         if self.folder is not None:
             self.save()
 

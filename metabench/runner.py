@@ -20,7 +20,7 @@ from .data import DataRoots
 from .episodes import TrainSampler, episodes_sha256, eval_draws
 from .errors import MetabenchError, PluginError
 from .evaluation import Scores, evaluate, metric_after_steps, score  # noqa: F401  (both were defined here before)
-from .learner import BUDGETS, Learner, TrainContext, TrainingDiverged
+from .learner import Learner, TrainContext, TrainingDiverged
 from .learner_file import learner_document, write_learner_file
 from .lifecycle import RunInfo
 from .plugins import PluginHost
@@ -28,7 +28,7 @@ from .results import SCHEMA_VERSION
 from .checkpoint import set_rng_state
 from .distributed import SINGLE, World, average_gradients, broadcast_state
 from .resume import CheckpointInterval, EvaluationProgress, RunFolder, RunInterrupted, TrainingState, run_folder_name
-from .settings import check_settings
+from .settings import BUDGETS, check_settings
 from .stats import summarize
 from .task import Protocol
 from .validation import ValidationSettings, Validator
@@ -113,7 +113,7 @@ class RunControl:
         if self.resume:
             self.resume_doc = self.folder.load_latest(identity)
             self.eval_doc = EvaluationProgress(self.folder, identity, self.checkpoint_every).load()
-            self.run_id = self.folder.run_id()
+            self.run_id = self.folder.started_as
         else:
             self.folder.check_fresh()
 
@@ -368,41 +368,51 @@ def execute(plan: RunPlan | RunRequest, host: PluginHost, progress: Progress | N
         if folder is not None and not folder.has_progress():
             folder.remove()  # nothing to resume from: leave nothing behind
         raise
-    per_episode, per_step = scores.per_episode, scores.record()["per_step"]
 
-    cls = entry.obj
-    doc = {
+    return result_document(
+        plan, host, learner, draws, scores, commit=commit,
+        # whether the harness owned the training steps (ctx.steps / ctx.step), so that a run can be
+        # checkpointed and resumed; false for a learner that keeps its own loop
+        learner_extra={"resumable": ctx.harness_steps},
+        trained_on={"task": protocol.name, "version": protocol.version, "image_size": protocol.image_size},
+        extra={**({"validation": validator.record()} if validator is not None else {}),
+               **({"learner_file": learner_file} if learner_file else {}),
+               **({"resumed": resumed} if resumed else {}),
+               **({"distributed": world.record()} if world.active else {})},
+        timing={"meta_train_s": round(meta_train_s, 3), "eval_s": round(eval_s, 3),
+                # in this process: checkpoints (training) and evaluation-progress files written
+                "checkpoints": state.writes, "checkpoint_s": round(state.write_seconds, 4),
+                "progress_files": eval_progress.writes, "progress_s": round(eval_progress.write_seconds, 4)})
+
+
+def result_document(plan: RunPlan, host: PluginHost, learner: Learner, draws, scores: Scores, *, commit: str | None,
+                    trained_on: dict, timing: dict, learner_extra: dict | None = None,
+                    extra: dict | None = None) -> dict:
+    """The result file's document (schema: metabench/results.py) of a learner scored on ``draws``:
+    what ``metabench run`` and ``metabench eval`` write."""
+    entry, protocol = plan.learner, plan.protocol
+    per_step = scores.record()["per_step"]
+    return {
         "schema_version": SCHEMA_VERSION,
         "metabench_version": __version__,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "task": task_section(protocol, draws),
-        "learner": {
-            "name": entry.name, "plugin": entry.plugin, "version": learner_version(entry, host),
-            "config": dataclasses.asdict(plan.config), "transductive": bool(cls.transductive),
-            # whether the harness owned the training steps (ctx.steps / ctx.step), so that a run
-            # can be checkpointed and resumed; false for a learner that keeps its own loop
-            "resumable": ctx.harness_steps,
-        },
+        "learner": {"name": entry.name, "plugin": entry.plugin, "version": learner_version(entry, host),
+                    "config": dataclasses.asdict(plan.config), "transductive": bool(entry.obj.transductive),
+                    **(learner_extra or {})},
         "backbone": {"name": plan.backbone, "options": plan.recorded_options,
                      "out_features": learner.backbone.out_features,
                      "parameters": sum(p.numel() for p in learner.backbone.module.parameters())},
-        "seed": request.seed,
-        "budget": request.budget,
-        "trained_on": {"task": protocol.name, "version": protocol.version, "image_size": protocol.image_size},
-        "per_episode": per_episode,
-        "summary": summarize(per_episode).to_dict(),
+        "seed": plan.request.seed,
+        "budget": plan.request.budget,
+        "trained_on": trained_on,
+        "per_episode": scores.per_episode,
+        "summary": summarize(scores.per_episode).to_dict(),
         **({"per_step": per_step} if per_step is not None else {}),
-        **({"validation": validator.record()} if validator is not None else {}),
-        **({"learner_file": learner_file} if learner_file else {}),
-        **({"resumed": resumed} if resumed else {}),
-        **({"distributed": world.record()} if world.active else {}),
-        "timing": {"meta_train_s": round(meta_train_s, 3), "eval_s": round(eval_s, 3),
-                   # in this process: checkpoints (training) and evaluation-progress files written
-                   "checkpoints": state.writes, "checkpoint_s": round(state.write_seconds, 4),
-                   "progress_files": eval_progress.writes, "progress_s": round(eval_progress.write_seconds, 4)},
-        "environment": environment(device, commit),
+        **(extra or {}),
+        "timing": timing,
+        "environment": environment(plan.device, commit),
     }
-    return doc
 
 
 def train_and_evaluate(plan, host, control, learner, ctx, state, validator, eval_progress, draws, progress,
@@ -496,7 +506,6 @@ def environment(device: torch.device, commit: str | None) -> dict:
 
 def finish(plan: RunPlan, control: RunControl) -> None:
     """After the result is written: the run is complete, its checkpoints are no longer needed."""
-    if control.out_dir is not None:
-        r = plan.request
-        RunFolder(control.out_dir, run_folder_name(plan.protocol.name, r.learner, plan.backbone, r.budget,
-                                                   r.seed)).remove()
+    control.open(plan)
+    if control.folder is not None:
+        control.folder.remove()

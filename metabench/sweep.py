@@ -187,7 +187,7 @@ def read_grid(path: str | Path) -> Grid:
 
 def check_cells(cells: Iterable[Cell], host) -> None:
     """Every learner, task and budget of the grid exists (one line naming the first that does not)."""
-    from .learner import BUDGETS
+    from .settings import BUDGETS
 
     for cell in cells:
         host.learners.get(cell.learner)
@@ -236,7 +236,7 @@ def run_cell(cell: Cell, out: str | Path) -> Outcome:
     (log_dir / f"{cell.key}.log").write_text(f"$ metabench {' '.join(argv)}\n{proc.stdout}\n{proc.stderr}",
                                              encoding="utf-8")
     seconds = time.time() - started
-    match = _RESULT_LINE.search(proc.stdout.replace("\n", "\n"))
+    match = _RESULT_LINE.search(proc.stdout)
     if proc.returncode == 0 and match:
         result = match.group(1).strip()
         path = marker(out, cell)

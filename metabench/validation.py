@@ -134,9 +134,6 @@ class Validator:
                 key = "acc" if self.protocol.metric == "accuracy" else "loss"
                 self.report("validation", step, total, {key: value})
 
-    def after_phase(self, phase: str, total: int) -> None:
-        """A phase with no step left to run (resumed at its end) has nothing to add."""
-
     def restore_best(self) -> None:
         """Put the best validated state back into the learner (nothing if none was validated)."""
         if self.best_state is not None:

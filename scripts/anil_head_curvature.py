@@ -19,24 +19,15 @@ import sys
 
 import torch
 
-from metabench.cross_task import build_learner, saved_config
+from metabench.cross_task import load_saved_learner
 from metabench.episodes import eval_draws
-from metabench.learner_file import read_learner_file
 from metabench.plugins import get_host
-from metabench.runner import RunPlan, RunRequest
 
 
 def main(argv: list[str]) -> int:
-    doc = read_learner_file(argv[0])
-    host = get_host()
-    entry = host.learners.get(doc["learner"]["name"])
-    protocol, source, plugin = host.task(doc["task"]["name"])
-    config = saved_config(entry.obj, doc["learner"]["config"], argv[0], entry.name)
-    options = dict(doc["backbone"]["options"])
-    plan = RunPlan(RunRequest(learner=entry.name, task=protocol.name), entry, protocol, source, plugin,
-                   doc["backbone"]["name"], options, options, config, torch.device("cpu"), protocol.episodes)
-    learner = build_learner(plan, host)
-    learner.load_state_dict(doc["state"])
+    saved = load_saved_learner(argv[0], get_host())
+    learner, protocol, source = saved.learner, saved.plan.protocol, saved.plan.source
+    config = learner.config
     limit = 2.0 / config.inner_lr
     draws = eval_draws(protocol, source, protocol.eval_split, protocol.episodes)
     top = []

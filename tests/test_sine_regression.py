@@ -250,22 +250,12 @@ def test_anils_quick_sinusoid_10s_outliers_are_the_episodes_where_its_test_steps
     grows every step: the algorithm, tested with 10 steps after training for 1, not a defect."""
     import glob
 
-    from metabench.cross_task import saved_config
+    from metabench.cross_task import load_saved_learner
     from metabench.episodes import eval_draws
-    from metabench.learner_file import read_learner_file
-    from metabench.runner import RunPlan, RunRequest, build_learner
 
-    fixture = Path(__file__).parent / "fixtures" / "anil_sinusoid-10s_quick_seed0.learner.pt"
-    doc = read_learner_file(fixture)
-    host = get_host()
-    entry = host.learners.get("anil")
-    protocol, source, plugin = host.task("sinusoid-10s")
-    config = saved_config(entry.obj, doc["learner"]["config"], fixture, "anil")
-    options = dict(doc["backbone"]["options"])
-    plan = RunPlan(RunRequest(learner="anil", task=protocol.name), entry, protocol, source, plugin, "mlp", options,
-                   options, config, torch.device("cpu"), protocol.episodes)
-    learner = build_learner(plan, host)
-    learner.load_state_dict(doc["state"])
+    saved = load_saved_learner(Path(__file__).parent / "fixtures" / "anil_sinusoid-10s_quick_seed0.learner.pt",
+                               get_host())
+    learner, protocol, source, config = saved.learner, saved.plan.protocol, saved.plan.source, saved.learner.config
     limit = 2.0 / config.inner_lr
     steep = []
     with torch.no_grad():
