@@ -6,6 +6,7 @@ convention); a learner that crashes exits with status 1 and names its plugin.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -45,8 +46,8 @@ def data_roots(args: argparse.Namespace, toml: dict | None = None):
     from .data import DataRoots
 
     per = dict((toml or {}).get("data", {}))
-    root = per.pop("root", None) or ((toml or {}).get("run", {}).get("data_root"))
     bad = [k for k, v in per.items() if not isinstance(v, str)]
+    root = per.pop("root", None) or ((toml or {}).get("run", {}).get("data_root"))
     if bad:
         raise MetabenchError(f"[data] {', '.join(bad)}: expected a folder path (text)")
     value = getattr(args, "data_root", None)
@@ -58,8 +59,18 @@ def data_roots(args: argparse.Namespace, toml: dict | None = None):
     return DataRoots.from_settings(root, per)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line ``metabench: error: ...`` (exit status 2), like every other
+    bad input; the usage is one ``--help`` away (the subcommands' parsers are of this class too)."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("metabench").strip()
+        self.exit(2, f"metabench: error: {command + ': ' if command else ''}{message} "
+                     f"(see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="metabench", description="Benchmark meta-learning on fixed episodes.")
+    parser = ArgumentParser(prog="metabench", description="Benchmark meta-learning on fixed episodes.")
     parser.add_argument("--version", action="version", version=f"metabench {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -177,18 +188,44 @@ def _host():
 
 
 class RichProgress:
-    """Progress bars for meta-training and evaluation (on stderr)."""
+    """Progress bars for meta-training and evaluation (on stderr), drawn from the first report."""
 
     def __init__(self, progress: Progress):
         self.progress, self.tasks = progress, {}
 
     def start(self, phase: str, total: int) -> None:
+        if not self.tasks:
+            self.progress.start()
         if phase not in self.tasks:
             self.tasks[phase] = self.progress.add_task(phase, total=total, info="")
 
     def update(self, phase: str, completed: int, **metrics: float) -> None:
         info = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         self.progress.update(self.tasks[phase], completed=completed, info=info)
+
+
+@contextlib.contextmanager
+def progress_bars(*columns):
+    """A :class:`RichProgress` on stderr for the ``with`` block. Bad input found under way (an
+    unreadable image) takes the bars away (they are transient then), so that its error is the one
+    line left on stderr; a plugin's failure or an interrupt leaves them, to show where it stopped."""
+    bars = Progress(*columns, console=err, transient=False)
+    reporter = RichProgress(bars)
+    try:
+        yield reporter
+    except MetabenchError as exc:
+        if reporter.tasks and not isinstance(exc, PluginError):
+            bars.live.transient = True
+            bars.live.stop()  # not bars.stop(): that adds an empty line where stderr is not a terminal
+            reporter.tasks.clear()
+        raise
+    finally:
+        if reporter.tasks:
+            bars.stop()
+
+
+BAR_COLUMNS = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -242,10 +279,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             return 0
         run = RunInfo.start(request.learner, plan.protocol.name, plan.backbone, request.seed, request.budget, out_dir,
                             run_id=control.run_id, elapsed=control.elapsed)
-        columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
-        with Progress(*columns, console=err, transient=False) as bars:
-            doc = execute(plan, host, RichProgress(bars), run, control)
+        with progress_bars(*BAR_COLUMNS) as bars:
+            doc = execute(plan, host, bars, run, control)
         path = write_result(doc, out_dir)
         finish(plan, control)
     finally:
@@ -298,6 +333,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     launcher_table = dict(grid.launcher)
     name = args.launcher or launcher_table.pop("name", "local")
     launcher_table.pop("name", None)
+    if not isinstance(name, str):
+        raise MetabenchError(f"[launcher] name must be a launcher's name (text, e.g. \"local\"), got {name!r}")
     launcher_table.update(dict(_launcher_option(o) for o in args.launcher_options))
     out_dir = Path(args.out or grid.out or DEFAULTS["out"])
     if out_dir.exists() and not out_dir.is_dir():
@@ -328,11 +365,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise MetabenchError(f"--out {out_dir}: exists and is not a folder")
     host = _host()
-    columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
-    with Progress(*columns, console=err, transient=False) as bars:
+    with progress_bars(*BAR_COLUMNS) as bars:
         doc = evaluate_saved(args.learner_file, host, args.task, args.episodes, args.device or "cpu",
-                             data_roots(args), RichProgress(bars))
+                             data_roots(args), bars)
     path = write_result(doc, out_dir)
     out.print(result_table(doc))
     trained = doc["trained_on"]["task"]
@@ -458,6 +493,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if ta["episodes_sha256"] != tb["episodes_sha256"]:
         raise MetabenchError(f"cannot pair results on different episode sets ({ta['episodes']} episodes "
                              f"{ta['episodes_sha256'][:12]}… vs {tb['episodes']} episodes {tb['episodes_sha256'][:12]}…)")
+    if len(a["per_episode"]) < 2:
+        raise MetabenchError(f"cannot pair results of {len(a['per_episode'])} episode: the paired tests need at "
+                             "least 2 episodes")
     c = paired_compare(a["per_episode"], b["per_episode"])
     metric, higher = ta["metric"], ta["higher_is_better"]
     table = make_table(f"{ta['name']} · {c.n} paired episodes · {metric} ({'higher' if higher else 'lower'} is better)", *("", "A", "B"))
@@ -483,9 +521,9 @@ def cmd_data(args: argparse.Namespace) -> int:
 
         columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("{task.fields[info]}"))
-        with Progress(*columns, console=err) as bars:
+        with progress_bars(*columns) as bars:
             for split in source.splits:
-                prepare_split(source, split, plugin, RichProgress(bars))
+                prepare_split(source, split, plugin, bars)
     info = source.info()
     table = make_table(f"{protocol.dataset} data ({args.task})", "split", "cached", "classes", "images",
                        "per class", "size")

@@ -25,6 +25,8 @@ from typing import Any
 from .errors import MetabenchError
 
 RUN_KEYS = ("task", "backbone", "seed", "budget", "episodes", "device", "out", "data_root", "checkpoint_every")
+#: the type of each [run] value (as TOML gives it; checkpoint_every: a step count or text like "10m")
+_RUN_TYPES = {"seed": (int,), "episodes": (int,), "checkpoint_every": (int, str)}
 _TOP_KEYS = ("run", "learner", "backbone", "data", "validation")
 
 
@@ -39,14 +41,22 @@ def read_toml(path: str | Path) -> dict[str, dict[str, Any]]:
         raise MetabenchError(f"--config {path}: cannot read: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise MetabenchError(f"--config {path}: invalid TOML: {exc}") from None
-    unknown = [k for k in doc if k not in _TOP_KEYS or not isinstance(doc[k], dict)]
+    unknown = [k for k in doc if k not in _TOP_KEYS]
     if unknown:
         raise MetabenchError(f"--config {path}: unknown entry {', '.join(map(repr, unknown))}; "
                              f"accepted tables: [{'], ['.join(_TOP_KEYS)}]")
+    for key in doc:
+        if not isinstance(doc[key], dict):
+            raise MetabenchError(f"--config {path}: {key!r} must be a table ([{key}]), got {type(doc[key]).__name__}")
     bad_run = [k for k in doc.get("run", {}) if k not in RUN_KEYS]
     if bad_run:
         raise MetabenchError(f"--config {path}: unknown [run] key {', '.join(map(repr, bad_run))}; "
                              f"accepted: {', '.join(RUN_KEYS)}")
+    for key, value in doc.get("run", {}).items():
+        kinds = _RUN_TYPES.get(key, (str,))
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            accepted = " or ".join({int: "an integer", str: "text"}[k] for k in kinds)
+            raise MetabenchError(f"--config {path}: [run] {key} must be {accepted}, got {value!r}")
     return doc
 
 

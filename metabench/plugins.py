@@ -28,12 +28,13 @@ from .learner import Learner
 from .settings import BUDGETS
 from .lifecycle import RunInfo
 from .registry import Entry, Registry
-from .task import PROBLEM_TYPES, DataSource, Protocol
+from .task import _NAME_RE as _TASK_NAME, PROBLEM_TYPES, DataSource, Protocol
 
 ENTRY_POINT_GROUP = "metabench"
 ALLOW_ENV = "METABENCH_PLUGINS"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_+.-]*$")
 _BACKBONE_NAME = re.compile(r"^[a-z0-9][a-z0-9_+.-]*(:\*)?$")  # "family:*" registers a family
+_DATASET = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,7 @@ class PluginHost:
         if not isinstance(source, DataSource):
             raise PluginError(f"task {protocol.name!r}: source must be a metabench.DataSource, "
                               f"got {type(source).__name__}")
+        _check_task_names(protocol, source)
         return Entry(protocol.name, protocol, plugin, {"kind": "task", "source": source})
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -295,6 +297,18 @@ def _one_line(exc: BaseException) -> str:
 def _check_name(name: Any, kind: str, pattern: re.Pattern = _NAME) -> None:
     if not isinstance(name, str) or not pattern.match(name):
         raise PluginError(f"{kind} name must be lowercase text like 'maml' or 'baseline++', got {name!r}")
+
+
+def _check_task_names(protocol: Protocol, source: DataSource) -> None:
+    """The names of a task that reach file names (its protocol's name and data set, the source's data
+    set: result files, checkpoint folders, cache keys) are plain names, checked again here in case a
+    Protocol was altered after it was built."""
+    if not isinstance(protocol.name, str) or not _TASK_NAME.match(protocol.name):
+        raise PluginError(f"task name must be like 'kanji-5w1s' (<dataset>-<ways>w<shots>s), got {protocol.name!r}")
+    for what, name in (("dataset", protocol.dataset), ("source dataset", getattr(source, "dataset", None))):
+        if name is not None and name != "" and not (isinstance(name, str) and _DATASET.match(name)):
+            raise PluginError(f"task {protocol.name!r}: {what} must be a plain lowercase name like 'kanji', "
+                              f"got {name!r}")
 
 
 def _learner_problems(cls: Any) -> list[str]:

@@ -48,7 +48,10 @@ def validate(path: Path, host, hash_cache: dict | None = None, roots=None) -> di
 
     ``roots`` (a DataRoots) tells task sources that need their data to draw episodes where it is.
     """
-    doc = load_result(path)
+    try:
+        doc = load_result(path)
+    except MetabenchError as exc:
+        raise MetabenchError(f"{path}: refused: {str(exc).removeprefix(f'{path}: ')}") from None
     task = doc["task"]
     problem = trained_on_problem(doc)
     if problem:

@@ -2,16 +2,19 @@
 
 The schema (version :data:`SCHEMA_VERSION`) is :data:`_REQUIRED` below, the one definition of
 the keys other tools may rely on, plus the optional ``per_step`` (:func:`per_step_problems`);
-:func:`schema_problems` checks a document against both, and the runner's document must pass it
-before it is written. Producers may add keys (the runner records more: ``created_utc``,
-``learner.transductive``, ``learner.resumable``, ``backbone.parameters``, ...); readers must not
-require them.
+:func:`schema_problems` checks a document against both, that its names are plain names (they reach
+file names), that its episode hash is a SHA-256 and that its summary is what ``per_episode`` gives
+(recomputed); the runner's document must pass it before it is written, and every reader (compare,
+plot, publish, leaderboard) reads through :func:`load_result`. Producers may add keys (the runner
+records more: ``created_utc``, ``learner.transductive``, ``learner.resumable``,
+``backbone.parameters``, ...); readers must not require them.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,15 @@ _REQUIRED: dict[str, Any] = {
 }
 
 
+#: a task name as :class:`metabench.task.Protocol` accepts it (the same pattern as ``task._NAME_RE``,
+#: kept here so that reading results needs no torch); names reach file names (leaderboard tables)
+TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9_]*-[0-9]+w[0-9]+s$|^[a-z0-9][a-z0-9_]*-[0-9]+s$|^[a-z0-9][a-z0-9_]*-md$")
+#: a learner or budget name as the plugin host accepts it (``plugins._NAME``); a backbone may add ``:variant``
+PLAIN_NAME = re.compile(r"^[a-z0-9][a-z0-9_+.-]*$")
+BACKBONE_NAME = re.compile(r"^[a-z0-9][a-z0-9_+.-]*(:[A-Za-z0-9_+.-]+)?$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
 def schema_problems(doc: Any, spec: dict = _REQUIRED, where: str = "") -> list[str]:
     """Every way ``doc`` departs from the schema (empty when valid)."""
     if not isinstance(doc, dict):
@@ -60,14 +72,58 @@ def schema_problems(doc: Any, spec: dict = _REQUIRED, where: str = "") -> list[s
                 problems.append(f"{path} should be {'/'.join(k.__name__ for k in kinds)}, got {type(value).__name__}")
     if not problems and not where:
         per = doc["per_episode"]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in per):
+        if not all(_finite(v) for v in per):
             problems.append("per_episode must hold finite numbers")
         if len(per) != doc["task"]["episodes"] or len(per) != doc["summary"]["n"]:
             problems.append(f"per_episode has {len(per)} values but task.episodes is {doc['task']['episodes']} "
                             f"and summary.n is {doc['summary']['n']}")
         problems.extend(per_step_problems(doc))
+        problems.extend(name_problems(doc))
+        if not problems:
+            problems.extend(summary_problems(doc))
         if doc["schema_version"] != SCHEMA_VERSION:
             problems.append(f"schema_version {doc['schema_version']} is not supported (this metabench reads {SCHEMA_VERSION})")
+    return problems
+
+
+def _finite(value: Any) -> bool:
+    """A number (not a bool) that is finite as a float (an integer too large for a float is not)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def name_problems(doc: dict) -> list[str]:
+    """Names that are not plain names (they reach file and folder names) and a malformed episode hash."""
+    checks = [("task.name", doc["task"]["name"], TASK_NAME, "a task name like 'kanji-5w1s'"),
+              ("learner.name", doc["learner"]["name"], PLAIN_NAME, "a plain lowercase name like 'maml'"),
+              ("backbone.name", doc["backbone"]["name"], BACKBONE_NAME, "a plain lowercase name like 'conv4'"),
+              ("budget", doc["budget"], PLAIN_NAME, "a plain lowercase name like 'quick'"),
+              ("task.episodes_sha256", doc["task"]["episodes_sha256"], _SHA256, "64 lowercase hex digits")]
+    return [f"{key} {value!r} is not {accepted}" for key, value, pattern, accepted in checks
+            if not pattern.match(value)]
+
+
+def summary_problems(doc: dict) -> list[str]:
+    """Where ``summary`` is not what ``per_episode`` gives (mean, std, n, ci95 recomputed)."""
+    from .stats import summarize
+
+    per = doc["per_episode"]
+    if not per:
+        return ["per_episode is empty"]
+    try:
+        fresh = summarize(per)
+    except OverflowError:
+        return ["per_episode values are too large to summarize"]
+    problems = []
+    for key, tolerance in (("mean", 1e-9), ("std", 1e-6), ("ci95", 1e-6)):
+        want, got = getattr(fresh, key), doc["summary"][key]
+        if (want is None) != (got is None) or (want is not None and not (_finite(got) and math.isclose(
+                got, want, rel_tol=tolerance, abs_tol=1e-12))):
+            problems.append(f"summary.{key} {got!r} is not the {key} of per_episode ({want!r})")
     return problems
 
 
@@ -84,8 +140,7 @@ def per_step_problems(doc: dict) -> list[str]:
             problems.append(f"per_step key {key!r} is not a step count")
         elif not isinstance(values, list) or len(values) != len(doc["per_episode"]):
             problems.append(f"per_step.{key} must list one value per episode ({len(doc['per_episode'])})")
-        elif not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
-                     for v in values):
+        elif not all(v is None or _finite(v) for v in values):
             problems.append(f"per_step.{key} must hold finite numbers or null")
     return problems
 
@@ -101,6 +156,8 @@ def load_result(path: str | Path) -> dict:
         raise MetabenchError(f"{path}: cannot read: {exc}") from None
     except json.JSONDecodeError as exc:
         raise MetabenchError(f"{path}: not a metabench result (invalid JSON: {exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise MetabenchError(f"{path}: not a metabench result (JSON nested too deeply)") from None
     problems = schema_problems(doc)
     if problems:
         shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")

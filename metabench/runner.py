@@ -5,6 +5,7 @@ import dataclasses
 import datetime as _dt
 import inspect
 import platform
+import re
 import subprocess
 import time
 import tomllib
@@ -34,6 +35,8 @@ from .task import Protocol
 from .validation import ValidationSettings, Validator
 
 SMOKE_EPISODES = 20
+#: the largest seed a run accepts (torch seeds its generators with 64-bit integers); seeds are >= 0
+MAX_SEED = 2**63 - 1
 
 
 class Progress(_Interface):
@@ -97,6 +100,8 @@ class RunControl:
     eval_doc: dict | None = field(default=None, init=False)
     run_id: str | None = field(default=None, init=False)
     opened: bool = field(default=False, init=False)
+    # the folders of out_dir (it and its parents) that did not exist when it opened, deepest first
+    created: list[Path] = field(default_factory=list, init=False)
 
     def open(self, plan: "RunPlan") -> None:
         """Find the run's checkpoint folder; on resume load what it continues from (refusing
@@ -108,6 +113,7 @@ class RunControl:
             return
         r = plan.request
         identity = run_identity(plan)
+        self.created = [p for p in (self.out_dir, *self.out_dir.parents) if not p.exists()]
         self.folder = RunFolder(self.out_dir, run_folder_name(plan.protocol.name, r.learner, plan.backbone,
                                                               r.budget, r.seed))
         if self.resume:
@@ -117,6 +123,15 @@ class RunControl:
         else:
             self.folder.check_fresh()
 
+    def remove_created(self) -> None:
+        """Remove the folders of ``out_dir`` this run created, where they are empty (a run that failed
+        before it wrote anything leaves nothing behind)."""
+        for path in self.created:
+            try:
+                path.rmdir()
+            except OSError:
+                return
+
     @property
     def elapsed(self) -> float:
         """Seconds the run had trained (and evaluated) before this process continued it."""
@@ -125,11 +140,18 @@ class RunControl:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` as a torch device; MetabenchError for another name, or CUDA where
+    there is none (or no device N)."""
     if name == "cpu":
         return torch.device("cpu")
-    if name.startswith("cuda"):
+    match = re.fullmatch(r"cuda(?::(\d+))?", name) if isinstance(name, str) else None
+    if match:
         if not torch.cuda.is_available():
             raise MetabenchError(f"--device {name}: no CUDA device is available here; use --device cpu")
+        count = torch.cuda.device_count()
+        if match.group(1) is not None and int(match.group(1)) >= count:
+            raise MetabenchError(f"--device {name}: this machine has {count} CUDA device(s): "
+                                 f"cuda:0 to cuda:{count - 1}")
         return torch.device(name)
     raise MetabenchError(f"--device {name!r}: accepted: cpu, cuda, cuda:N")
 
@@ -245,6 +267,7 @@ def prepare(request: RunRequest, host: PluginHost) -> RunPlan:
         raise MetabenchError(f"--budget {request.budget!r}: accepted: {', '.join(BUDGETS)}")
     if request.episodes is not None and request.episodes < 1:
         raise MetabenchError(f"--episodes {request.episodes}: must be a positive integer")
+    check_seed(request.seed)
     backbone_name = request.backbone or protocol.default_backbone or cls.default_backbone
     backbone_entry = host.backbones.get(backbone_name)
     defaults = {k: p.default for k, p in inspect.signature(backbone_entry.obj).parameters.items()
@@ -270,6 +293,12 @@ def prepare(request: RunRequest, host: PluginHost) -> RunPlan:
     n_eval = request.episodes or (min(SMOKE_EPISODES, protocol.episodes) if request.budget == "smoke" else protocol.episodes)
     return RunPlan(request, entry, protocol, source, task_plugin, backbone_name, backbone_options, recorded_options,
                    config, device, n_eval, validation)
+
+
+def check_seed(seed) -> None:
+    """MetabenchError unless ``seed`` is an integer from 0 to :data:`MAX_SEED`."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise MetabenchError(f"--seed {seed!r}: accepted: an integer from 0 to {MAX_SEED}")
 
 
 def run_identity(plan: RunPlan) -> dict:
@@ -367,6 +396,7 @@ def execute(plan: RunPlan | RunRequest, host: PluginHost, progress: Progress | N
     except BaseException:
         if folder is not None and not folder.has_progress():
             folder.remove()  # nothing to resume from: leave nothing behind
+            control.remove_created()
         raise
 
     return result_document(

@@ -74,13 +74,22 @@ class Cell:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @property
+    def folder(self) -> str:
+        """The cell's folder under the sweep's out folder: the task's name, or for a task file (a path)
+        ``task-file-<file name>-<hash of the path>``, so that no task can lead outside the out folder."""
+        if not self.task.endswith(".toml") and re.fullmatch(r"[a-z0-9][a-z0-9_+.-]*", self.task):
+            return self.task
+        stem = re.sub(r"[^A-Za-z0-9_+-]", "_", Path(self.task).stem)
+        return f"task-file-{stem}-{hashlib.sha256(self.task.encode()).hexdigest()[:8]}"
+
+    @property
     def label(self) -> str:
         variant = f" [{self.variant}]" if self.variant else ""
         return f"{self.task} {self.learner}{variant} seed {self.seed} {self.budget}"
 
     def argv(self, out: Path, resume: bool) -> list[str]:
         args = ["run", "--learner", self.learner, "--task", self.task, "--seed", str(self.seed), "--budget",
-                self.budget, "--out", str(out / self.task)]
+                self.budget, "--out", str(out / self.folder)]
         if self.episodes is not None:
             args += ["--episodes", str(self.episodes)]
         for key, value in self.settings:
@@ -189,11 +198,14 @@ def check_cells(cells: Iterable[Cell], host) -> None:
     """Every learner, task and budget of the grid exists (one line naming the first that does not)."""
     from .settings import BUDGETS
 
+    from .runner import check_seed
+
     for cell in cells:
         host.learners.get(cell.learner)
         host.task(cell.task)
         if cell.budget not in BUDGETS:
             raise MetabenchError(f"grid budget {cell.budget!r}: accepted: {', '.join(BUDGETS)}")
+        check_seed(cell.seed)
 
 
 # ------------------------------------------------------------------------------ one cell
@@ -215,7 +227,8 @@ def finished(out: Path, cell: Cell) -> str | None:
 def has_checkpoint(out: Path, cell: Cell) -> bool:
     from .resume import RunFolder
 
-    folders = (out / cell.task / "checkpoints").glob(f"{cell.task}__{cell.learner}__*__{cell.budget}__seed{cell.seed}")
+    task = cell.task if cell.folder == cell.task else "*"  # a task file's runs are named by its protocol
+    folders = (out / cell.folder / "checkpoints").glob(f"{task}__{cell.learner}__*__{cell.budget}__seed{cell.seed}")
     return any(RunFolder(f.parent.parent, f.name).has_progress() for f in folders)
 
 

@@ -135,7 +135,8 @@ class TaskFileSource(FolderImageSource):
     @property
     def root(self) -> Path:
         if not self.spec.folder.is_dir():
-            raise self.error(f"data folder {self.spec.folder} does not exist")
+            missing = "is not a folder" if self.spec.folder.exists() else "does not exist"
+            raise self.error(f"data folder {self.spec.folder} {missing}")
         return self.spec.folder
 
     def set_roots(self, roots) -> None:
