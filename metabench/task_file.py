@@ -15,12 +15,17 @@ ending in ``.toml``)::
     shots = 1
     queries = 15
     episodes = 600            # fixed test episodes
+    groups = "groups.json"    # optional: {"<class>": "<group>", ...}; every episode's classes then
+                              # come from one group (fine-grained episodes, metabench.grouped)
 
 Images are .jpg, .jpeg or .png files; hidden files are ignored. The task is named
 ``<dataset>-<ways>w<shots>s``. The class names and the file names of every split are hashed
 (SHA-256) into the task (``Protocol.data_sha256``), which every result records as
 ``task.data_sha256``: a folder whose classes or files change is another data set. Episodes
-are drawn from their own seeds as for any task, so they are fixed for a given folder. A bad layout
+are drawn from their own seeds as for any task, so they are fixed for a given folder. With a
+``groups`` file (JSON or TOML: class folder name -> group name), each episode draws its classes
+from one group with at least ``ways`` classes (:mod:`metabench.grouped`); classes the file does
+not name are in no group and never drawn; the mapping is hashed into ``data_sha256`` too. A bad layout
 (no split folder, an empty class, a class with fewer than shots + queries images, too few classes
 for the ways, an unreadable image) is refused with one line naming the path and what was expected.
 """
@@ -36,10 +41,11 @@ from pathlib import Path
 from .data import FolderImageSource, ImageList
 from .errors import MetabenchError
 from .folders import image_files
+from .grouped import GroupedEpisodes
 from .task import Protocol
 
 KEYS = {"dataset", "folder", "layout", "split_file", "channels", "image_size", "ways", "shots", "queries",
-        "episodes"}
+        "episodes", "groups"}
 LAYOUTS = {"splits": "folder/{train,val,test}/<class>/<images>",
            "classes": "folder/<class>/<images> with a split_file naming each split's classes"}
 SPLITS = ("train", "val", "test")
@@ -62,6 +68,7 @@ class TaskSpec:
     shots: int
     queries: int
     episodes: int
+    groups_file: Path | None = None
 
 
 def _positive(table: dict, key: str, where: str, default=None, minimum: int = 1) -> int:
@@ -109,6 +116,10 @@ def read_task_file(path: str | Path) -> TaskSpec:
     if layout == "splits" and split_file is not None:
         raise MetabenchError(f"{where}: split_file is for layout \"classes\"; layout \"splits\" takes the splits "
                              "from the folders train/, val/, test/")
+    groups_file = table.get("groups")
+    if groups_file is not None and (not isinstance(groups_file, str) or not groups_file):
+        raise MetabenchError(f"{where}: [task] groups must be the path of a JSON or TOML file mapping class "
+                             f"folder names to group names, got {groups_file!r}")
     channels = _positive(table, "channels", where, 3)
     if channels not in (1, 3):
         raise MetabenchError(f"{where}: [task] channels must be 1 or 3, got {channels}")
@@ -118,7 +129,8 @@ def read_task_file(path: str | Path) -> TaskSpec:
                     (base / split_file) if isinstance(split_file, str) else None, channels,
                     _positive(table, "image_size", where, 84, minimum=8), _positive(table, "ways", where),
                     _positive(table, "shots", where), _positive(table, "queries", where),
-                    _positive(table, "episodes", where, 600))
+                    _positive(table, "episodes", where, 600),
+                    (base / groups_file) if groups_file is not None else None)
 
 
 class TaskFileSource(FolderImageSource):
@@ -145,16 +157,19 @@ class TaskFileSource(FolderImageSource):
     def error(self, message: str) -> MetabenchError:
         return MetabenchError(f"task file {self.spec.path}: {message} (expected {self.layout})")
 
+    def _read_mapping_file(self, path: Path, what: str) -> dict:
+        try:
+            text = path.read_text(encoding="utf-8")
+            return json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        except FileNotFoundError:
+            raise self.error(f"{what} {path} does not exist") from None
+        except (OSError, ValueError, tomllib.TOMLDecodeError) as exc:
+            raise self.error(f"{what} {path} is not valid JSON/TOML: {str(exc)[:120]}") from None
+
     def split_classes(self, split: str) -> list[str]:
         if self._split_doc is None:
             path = self.spec.split_file
-            try:
-                doc = json.loads(path.read_text(encoding="utf-8")) if path.suffix == ".json" else \
-                    tomllib.loads(path.read_text(encoding="utf-8"))
-            except FileNotFoundError:
-                raise self.error(f"split file {path} does not exist") from None
-            except (OSError, ValueError, tomllib.TOMLDecodeError) as exc:
-                raise self.error(f"split file {path} is not valid JSON/TOML: {str(exc)[:120]}") from None
+            doc = self._read_mapping_file(path, "split file")
             for s in SPLITS:
                 names = doc.get(s) if isinstance(doc, dict) else None
                 if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
@@ -201,10 +216,53 @@ class TaskFileSource(FolderImageSource):
         return digest.hexdigest()
 
 
+class GroupedTaskFileSource(GroupedEpisodes, TaskFileSource):
+    """A task file's folder with a ``groups`` file: every episode within one group of classes."""
+
+    def groups(self) -> dict[str, str]:
+        """The checked class -> group mapping (every key a class of some split, every value a name)."""
+        if "_group_of" not in self.__dict__:
+            path = self.spec.groups_file
+            doc = self._read_mapping_file(path, "groups file")
+            if not isinstance(doc, dict) or not doc or not all(
+                    isinstance(k, str) and isinstance(v, str) and v for k, v in doc.items()):
+                raise self.error(f"groups file {path} must map class folder names to group names "
+                                 '({"<class>": "<group>", ...})')
+            classes = {name for split in SPLITS for name in self.listing(split).classes}
+            unknown = sorted(set(doc) - classes)
+            if unknown:
+                raise self.error(f"groups file {path} names {len(unknown)} class(es) that no split has, "
+                                 f"e.g. {unknown[0]!r}")
+            self._group_of = doc
+        return self._group_of
+
+    def class_groups(self, split: str) -> list[str | None]:
+        self.check_split(split)
+        groups = self.groups()
+        return [groups.get(name) for name in self.listing(split).classes]
+
+    def check_groups(self, ways: int, shots: int, queries: int) -> None:
+        """Refuse (one line) a split whose groups cannot give one episode: training needs ``ways``
+        classes in one group, validation and test ``ways`` classes of ``shots + queries`` images."""
+        for split in SPLITS:
+            need = 1 if split == "train" else shots + queries
+            if not self.eligible_groups(split, ways, need):
+                raise self.error(f"groups file {self.spec.groups_file}: no group of split {split!r} has {ways} "
+                                 f"classes" + ("" if split == "train" else f" of at least {need} images")
+                                 + f" for {ways}-way fine-grained episodes")
+
+    def listing_sha256(self) -> str:
+        """The folder's identity with the group of every class."""
+        canonical = json.dumps(self.groups(), ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256((super().listing_sha256() + "\0groups\0" + canonical).encode("utf-8")).hexdigest()
+
+
 def load_task_file(path: str | Path) -> tuple[Protocol, TaskFileSource]:
     """The protocol and data source of a task file (the folder is listed and checked now)."""
     spec = read_task_file(path)
-    source = TaskFileSource(spec)
+    source = (GroupedTaskFileSource if spec.groups_file is not None else TaskFileSource)(spec)
+    if isinstance(source, GroupedTaskFileSource):
+        source.check_groups(spec.ways, spec.shots, spec.queries)
     identity = source.listing_sha256()
     protocol = Protocol(name=f"{spec.name}-{spec.ways}w{spec.shots}s", version=1, dataset=spec.name, ways=spec.ways,
                         shots=spec.shots, queries=spec.queries, episodes=spec.episodes, image_size=spec.image_size,

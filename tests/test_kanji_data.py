@@ -117,6 +117,51 @@ def test_render_character_is_deterministic_and_jittered():
     assert len({im.tobytes() for im in a}) == K.INSTANCES_PER_CLASS
 
 
+def test_draw_by_hand_moves_ends_and_bows_across_the_chord():
+    px = np.array([[0.0, 5.0, 10.0]])  # one instance, a horizontal stroke of three points
+    py = np.zeros((1, 3))
+    still = K._draw_by_hand(px, py, np.zeros((1, 5)))
+    np.testing.assert_array_equal(still[0], px)
+    np.testing.assert_array_equal(still[1], py)
+    qx, qy = K._draw_by_hand(px, py, np.array([[1.0, 2.0, -3.0, 4.0, 0.0]]))
+    np.testing.assert_allclose([qx[0, 0], qy[0, 0], qx[0, -1], qy[0, -1]], [1.0, 2.0, 7.0, 4.0])  # ends moved
+    bx, by = K._draw_by_hand(px, py, np.array([[0.0, 0.0, 0.0, 0.0, 2.0]]))
+    np.testing.assert_allclose(bx[0], px[0])  # bowed across the chord only, by the bend at the middle
+    np.testing.assert_allclose(by[0], [0.0, 2.0, 0.0])
+
+
+def test_hand_style_keeps_kanji_draws_and_varies_each_stroke():
+    cp = ord(K.class_names("train")[0])
+    strokes = K.character_strokes(cp)
+    *_, hand = K._instance_params(cp, len(strokes), style=K.KANJI)
+    assert hand is None  # the kanji style draws exactly what its version 2 drew
+    affine, shift, half, offsets, hand = K._instance_params(cp, len(strokes), style=K.KANJI_HAND)
+    assert hand.shape == (K.INSTANCES_PER_CLASS, len(strokes), 5)
+    assert np.abs(hand[..., :4]).max() <= K.KANJI_HAND.endpoint_units
+    assert np.abs(hand[..., 4]).max() <= K.KANJI_HAND.bend_units
+    assert np.abs(affine).max() <= max(K.KANJI_HAND.affine_diag, K.KANJI_HAND.affine_shear)
+    a = K.render_character(cp, strokes, style=K.KANJI_HAND)
+    np.testing.assert_array_equal(a, K.render_character(cp, strokes, style=K.KANJI_HAND))
+    assert len({im.tobytes() for im in a}) == K.INSTANCES_PER_CLASS
+    assert not np.array_equal(a, K.render_character(cp, strokes))
+    assert a.max() == 255 and (a == 0).mean() > 0.5  # ink on black
+
+
+def test_each_style_has_its_own_cache_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("METABENCH_CACHE", str(tmp_path))
+    assert K.cache_path(K.KANJI).name == f"kanji-v{K.KANJI.version}-28px.npy"
+    assert K.cache_path(K.KANJI_HAND).name == f"kanji_hand-v{K.KANJI_HAND.version}-28px.npy"
+    assert set(K.STYLES) == {"kanji", "kanji_hand"}
+
+
+def test_kanji_hand_render_digest_is_the_recorded_one():
+    """The whole kanji_hand array (46,800 images) hashes to the committed SHA-256: load_all renders it
+    into the session's cache when missing (about 30 s) and refuses bytes that differ."""
+    full = K.load_all(style=K.KANJI_HAND)
+    assert full.shape == (2340 * 20, 1, 28, 28)
+    assert K._digest(full) == K.KANJI_HAND.sha256
+
+
 # ----------------------------------------------------------------------------- full render + cache
 def test_render_digest_is_the_recorded_one(rendered):
     full, calls = rendered

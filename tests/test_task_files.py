@@ -157,3 +157,49 @@ def test_publish_takes_a_task_files_result_and_refuses_it_once_the_folder_change
     code, _, err = cli(capsys, "publish", str(stale), "--to", str(board))
     assert code == 2 and "made from another copy of the data of mine-3w1s" in error_line(err)
     assert not board.exists() or not list(board.rglob("*.json"))
+
+
+def write_groups(root: Path, mapping: dict) -> None:
+    (root / "groups.json").write_text(json.dumps(mapping))
+
+
+def three_and_three() -> dict:
+    """Per split, classes c0-c2 in group "a" and c3-c5 in "b" (val and test have c0-c4: "b" has 2)."""
+    return {f"{s}_c{c}": ("a" if c < 3 else "b") for s, (n, _) in SIZES.items() for c in range(n)}
+
+
+def test_a_groups_file_makes_fine_grained_episodes(data):
+    from metabench.episodes import TrainSampler, episodes_sha256, eval_draws
+    from metabench.task_file import load_task_file
+
+    write_groups(data, three_and_three())
+    protocol, source = load_task_file(task_file(data, 'groups = "groups.json"'))
+    plain_protocol, plain_source = load_task_file(task_file(data))
+    assert protocol.data_sha256 != plain_protocol.data_sha256  # the groups are part of the data's identity
+    draws = eval_draws(protocol, source, "test", 5)
+    names = source.listing("test").classes
+    assert all(sorted(names[c] for c in d.classes) == ["test_c0", "test_c1", "test_c2"] for d in draws)
+    assert episodes_sha256(draws) != episodes_sha256(eval_draws(plain_protocol, plain_source, "test", 5))
+    sampler = TrainSampler(protocol, source, 0)
+    groups = source.class_groups("train")
+    assert all(len({groups[c] for c in sampler.draw().classes}) == 1 for _ in range(10))
+
+
+@pytest.mark.parametrize("mapping, fragment", [
+    ({"nope": "a"}, "names 1 class(es) that no split has, e.g. 'nope'"),
+    ({"train_c0": "a"}, "no group of split 'train' has 3 classes"),
+    ({"train_c0": 3}, "must map class folder names to group names"),
+    ([], "must map class folder names to group names"),
+])
+def test_bad_groups_files_are_refused_in_one_line(capsys, data, mapping, fragment):
+    write_groups(data, mapping)
+    code, err = run(capsys, task_file(data, 'groups = "groups.json"'), data / "out")
+    assert code == 2 and fragment in error_line(err), err
+    assert not (data / "out").exists()
+
+
+def test_a_run_on_a_grouped_task_file_records_the_groups(capsys, data):
+    write_groups(data, three_and_three())
+    code, err = run(capsys, task_file(data, 'groups = "groups.json"'), data / "out")
+    assert code == 0, err
+    assert result(data / "out")["task"]["data_sha256"]

@@ -5,6 +5,10 @@
 Omniglot conventions: 5-way with 15 queries per class, 20-way with 5, 600 test episodes.
 ``kanji_radical-5w1s`` / ``-5w5s`` are the fine-grained variant: every episode (training and test)
 draws its classes from one radical family (:mod:`metabench.grouped`).
+
+``kanji_hand`` renders the same characters as if by different hands (every stroke's ends and
+curvature drawn anew per instance, larger jitter: :data:`~.kanji_data.KANJI_HAND`), with the same
+protocols; its fine-grained ``kanji_hand_radical-5w1s`` is metabench's default task.
 """
 from __future__ import annotations
 
@@ -16,30 +20,34 @@ from metabench.variable_episodes import MetaDatasetEpisodes
 
 from . import kanji_data
 
-VERSION = kanji_data.DATA_VERSION
 EPISODES = 600
 
 
 class KanjiSource(ClassImageSource):
-    """The rendered kanji classes; each split one uint8 tensor [n_classes * 20, 1, 28, 28]."""
+    """The rendered kanji classes in one :class:`~.kanji_data.RenderStyle`; each split one uint8
+    tensor [n_classes * 20, 1, 28, 28]."""
+
+    def __init__(self, style: kanji_data.RenderStyle = kanji_data.KANJI):
+        super().__init__()
+        self.style = style
 
     def class_sizes(self, split: str) -> list[int]:
         self.check_split(split)
         return kanji_data.class_sizes(split)
 
     def load_split(self, split: str, progress=None) -> torch.Tensor:
-        return kanji_data.load_split(split, progress=progress)
+        return kanji_data.load_split(split, progress=progress, style=self.style)
 
     def info(self) -> dict:
-        """The one cache file holds every split; its digest is the committed RENDER_SHA256."""
-        path = kanji_data.cache_path()
+        """The one cache file holds every split; its digest is the style's committed SHA-256."""
+        path = kanji_data.cache_path(self.style)
         cached = path.exists()
         out = {}
         for split in self.splits:
             row = {"cached": cached, "classes": len(self.class_sizes(split)), "images": sum(self.class_sizes(split)),
                    "min_per_class": kanji_data.INSTANCES_PER_CLASS, "max_per_class": kanji_data.INSTANCES_PER_CLASS}
             if cached:
-                row.update(path=str(path), bytes=path.stat().st_size, sha256=kanji_data.RENDER_SHA256 + " (all splits)")
+                row.update(path=str(path), bytes=path.stat().st_size, sha256=self.style.sha256 + " (all splits)")
             out[split] = row
         return out
 
@@ -53,15 +61,18 @@ class KanjiRadicalSource(GroupedEpisodes, KanjiSource):
         return kanji_data.class_radicals(split)
 
 
-#: version of the fine-grained protocols (bump when the radical file or the grouped draw changes)
+#: version of the fine-grained protocols on ``kanji`` (bump when the radical file or the grouped draw changes)
 RADICAL_VERSION = 1
+#: the fine-grained protocols on ``kanji_hand``: its render version, so either change makes a new one
+HAND_RADICAL_VERSION = kanji_data.KANJI_HAND.version
 
 
-def radical_protocols() -> list[Protocol]:
+def radical_protocols(style: kanji_data.RenderStyle = kanji_data.KANJI) -> list[Protocol]:
+    version = RADICAL_VERSION if style is kanji_data.KANJI else HAND_RADICAL_VERSION
     return [Protocol(
-        name=f"kanji_radical-{ways}w{shots}s", version=RADICAL_VERSION, dataset="kanji_radical", ways=ways,
-        shots=shots, queries=queries, episodes=EPISODES, image_size=kanji_data.IMAGE_SIZE, channels=1,
-        description=f"{ways}-way {shots}-shot kanji, every episode within one radical family (fine-grained)")
+        name=f"{style.dataset}_radical-{ways}w{shots}s", version=version, dataset=f"{style.dataset}_radical",
+        ways=ways, shots=shots, queries=queries, episodes=EPISODES, image_size=kanji_data.IMAGE_SIZE, channels=1,
+        description=f"{ways}-way {shots}-shot {style.dataset}, every episode within one radical family (fine-grained)")
         for ways, shots, queries in ((5, 1, 15), (5, 5, 15))]
 
 
@@ -77,23 +88,25 @@ def meta_dataset_protocol() -> Protocol:
                     description="Meta-Dataset episodes (Triantafillou et al. 2020): 5-50 ways, imbalanced shots")
 
 
-def protocols() -> list[Protocol]:
+def protocols(style: kanji_data.RenderStyle = kanji_data.KANJI) -> list[Protocol]:
+    drawn = "hand-drawn " if style.hand_drawn else ""
     out = []
     for ways, shots, queries in ((5, 1, 15), (5, 5, 15), (20, 1, 5), (20, 5, 5)):
         out.append(Protocol(
-            name=f"kanji-{ways}w{shots}s", version=VERSION, dataset="kanji", ways=ways, shots=shots,
-            queries=queries, episodes=EPISODES, image_size=kanji_data.IMAGE_SIZE, channels=1,
-            description=f"{ways}-way {shots}-shot on 600 held-out KanjiVG characters (28 px)",
+            name=f"{style.dataset}-{ways}w{shots}s", version=style.version, dataset=style.dataset, ways=ways,
+            shots=shots, queries=queries, episodes=EPISODES, image_size=kanji_data.IMAGE_SIZE, channels=1,
+            description=f"{ways}-way {shots}-shot on 600 held-out {drawn}KanjiVG characters (28 px)",
         ))
     return out
 
 
 @hookimpl
 def metabench_register_tasks(register):
-    source = KanjiSource()  # one source shared by the four protocols, so a split loads once
-    for protocol in protocols():
-        register(protocol, source)
-    grouped = KanjiRadicalSource()
-    for protocol in radical_protocols():
-        register(protocol, grouped)
+    for style in (kanji_data.KANJI, kanji_data.KANJI_HAND):
+        source = KanjiSource(style)  # one source shared by a style's protocols, so a split loads once
+        for protocol in protocols(style):
+            register(protocol, source)
+        grouped = KanjiRadicalSource(style)
+        for protocol in radical_protocols(style):
+            register(protocol, grouped)
     register(meta_dataset_protocol(), KanjiMetaDatasetSource())

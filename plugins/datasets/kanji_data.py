@@ -11,17 +11,24 @@ shuffled by a Fisher-Yates shuffle driven by splitmix64 seeded with ``SPLIT_SEED
 
 committed in ``kanji_splits.json`` (verified against ``SPLITS_SHA256`` when read).
 
-Instances: ``INSTANCES_PER_CLASS`` = 20 renders per class, like Omniglot's 20 drawers. Instance
-j of character cp gets its own splitmix64 stream seeded from (cp, j): a random affine map
-``[[1+a, b], [c, 1+d]]`` about the glyph centre plus a translation, a random offset and stretch
-per stroke, and a random pen width. Each cubic Bézier is flattened into ``SEGMENTS_PER_CUBIC``
+Instances: ``INSTANCES_PER_CLASS`` = 20 renders per class, like Omniglot's 20 drawers, in one
+of two :class:`RenderStyle` s, each its own data set with its own cache file and SHA-256:
+
+- ``kanji`` (:data:`KANJI`): instance j of character cp gets its own splitmix64 stream seeded from
+  (style, cp, j): a random affine map ``[[1+a, b], [c, 1+d]]`` about the glyph centre plus a
+  translation, a random offset and stretch per stroke, and a random pen width.
+- ``kanji_hand`` (:data:`KANJI_HAND`): the same with larger jitter, and every stroke's two ends
+  moved independently and the stroke bowed sideways, drawn anew per instance, so the 20
+  instances differ as different hands do rather than as one glyph jittered.
+
+Each style renders every instance from its strokes the same way. Each cubic Bézier is flattened into ``SEGMENTS_PER_CUBIC``
 line segments and each pixel's ink is ``clip(halfwidth + 0.5 - distance to nearest segment, 0, 1)``.
 Only numpy float64 + - * / sqrt, min/max and clip are used (no libm, no BLAS, no sums whose order
 could vary), so the bytes are identical on every machine; ``RENDER_SHA256`` checks that.
 
 Images: uint8 ``[n_classes * 20, 1, 28, 28]``, ink 255 on black 0, classes contiguous.
-All 2,340 classes (train, val, test order) are rendered once into the cache folder as
-``kanji-v{DATA_VERSION}-{IMAGE_SIZE}px.npy`` (46,800 images, about 37 MB).
+All 2,340 classes (train, val, test order) are rendered once per style into the cache folder as
+``{dataset}-v{version}-{IMAGE_SIZE}px.npy`` (46,800 images, about 37 MB).
 
 Radical families: the general radical KanjiVG marks for each class (``kvg:radical="general"``),
 committed in ``kanji_radicals.json`` (verified against ``RADICALS_SHA256``); the fine-grained
@@ -41,6 +48,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -54,31 +62,76 @@ from metabench.rng import SplitMix64  # the same generator the episodes use
 IMAGE_SIZE = 28
 INSTANCES_PER_CLASS = 20
 MAX_STROKES = 10
-DATA_VERSION = 2  # bump whenever rendering (and so RENDER_SHA256) changes (v1: milder jitter, saturated)
 SPLITS = ("train", "val", "test")
 SPLIT_COUNTS = {"train": 1500, "val": 240, "test": 600}
 
 KANJIVG_VERSION = "20260714"
 CODE_POINT_RANGE = (0x4E00, 0x9FFF)  # CJK Unified Ideographs, inclusive
 SPLIT_SEED = 0x6B616E6A69  # "kanji"
-RENDER_SEED = 0x4D42_4B41_4E4A_4931  # "MBKANJI1"
 
 SPLITS_FILE = Path(__file__).with_name("kanji_splits.json")
 RADICALS_FILE = Path(__file__).with_name("kanji_radicals.json")
 SPLITS_SHA256 = "47572a306131e6a326bcd2c707d1db524502390a02304724cd8c520093719120"
 RADICALS_SHA256 = "f202a3775828e023b629bb72dcbecc6d04fbe78297dab25f76037e0c60feca5b"
-RENDER_SHA256 = "918a6302db817c95da9f3dd7b92996f1520045b4835b4522d3daf36c23d037cf"
 
-# Rendering parameters (any change here changes the bytes: bump DATA_VERSION).
+# Rendering parameters (any change to a style changes its bytes: bump its version).
 GLYPH_UNITS = 109.0  # KanjiVG viewBox is 0..109 in both axes
 MARGIN_PX = 1.0  # canvas margin around the 109-unit box, in pixels
 SEGMENTS_PER_CUBIC = 6
-AFFINE_DIAG = 0.20  # |a|, |d| <= this
-AFFINE_SHEAR = 0.18  # |b|, |c| <= this
-SHIFT_UNITS = 9.0  # whole-glyph translation per axis, in 109-units
-STROKE_SHIFT_UNITS = 6.0  # per-stroke offset per axis, in 109-units
-STROKE_STRETCH = 0.25  # per-stroke scale about the stroke's box centre, per axis: 1 +- this
-HALFWIDTH_PX = (0.50, 1.25)  # pen half width range, in pixels
+
+
+@dataclass(frozen=True)
+class RenderStyle:
+    """How the 20 instances of a character vary; one style, one data set, one cache file.
+
+    Per instance: an affine map ``[[1+a, b], [c, 1+d]]`` about the glyph centre (``|a|, |d| <=
+    affine_diag``, ``|b|, |c| <= affine_shear``), a translation (``<= shift_units`` per axis) and a pen
+    half width in ``halfwidth_px``. Per stroke: an offset (``<= stroke_shift_units``) and a stretch
+    about its box centre (``1 +- stroke_stretch`` per axis). ``endpoint_units`` > 0 moves each
+    stroke's start and end independently (blended linearly along the stroke: a stroke drawn
+    longer, shorter or at another angle) and ``bend_units`` > 0 bows it sideways by up to that
+    much at its middle (a parabola ``4 t (1 - t)``), as different hands draw the same stroke.
+    """
+
+    dataset: str
+    version: int
+    seed: int
+    sha256: str  # of the rendered uint8 array, all splits
+    affine_diag: float
+    affine_shear: float
+    shift_units: float
+    stroke_shift_units: float
+    stroke_stretch: float
+    halfwidth_px: tuple[float, float]
+    endpoint_units: float = 0.0
+    bend_units: float = 0.0
+
+    @property
+    def hand_drawn(self) -> bool:
+        return self.endpoint_units > 0.0 or self.bend_units > 0.0
+
+
+#: ``kanji``: jitter only (v1 was milder and saturated)
+KANJI = RenderStyle(
+    dataset="kanji", version=2, seed=0x4D42_4B41_4E4A_4931,  # "MBKANJI1"
+    sha256="918a6302db817c95da9f3dd7b92996f1520045b4835b4522d3daf36c23d037cf",
+    affine_diag=0.20, affine_shear=0.18, shift_units=9.0, stroke_shift_units=6.0, stroke_stretch=0.25,
+    halfwidth_px=(0.50, 1.25))
+
+#: ``kanji_hand``: the same characters with larger jitter and every stroke's ends and curvature
+#: drawn anew per instance, closer to how Omniglot's 20 drawers differ
+KANJI_HAND = RenderStyle(
+    dataset="kanji_hand", version=1, seed=0x4D42_4B48_414E_4431,  # "MBKHAND1"
+    sha256="34506ec75c630058bfe902c3e991a10fd5fd64ba05eccee584cd60923ce9b521",
+    affine_diag=0.25, affine_shear=0.25, shift_units=9.0, stroke_shift_units=8.0, stroke_stretch=0.35,
+    halfwidth_px=(0.50, 1.25), endpoint_units=9.0, bend_units=14.0)
+
+STYLES = {style.dataset: style for style in (KANJI, KANJI_HAND)}
+
+# The kanji style's names, kept for callers of the first data set
+DATA_VERSION = KANJI.version
+RENDER_SEED = KANJI.seed
+RENDER_SHA256 = KANJI.sha256
 
 _INSTALL_HINT = f"pip install kanjivg=={KANJIVG_VERSION}"
 
@@ -330,30 +383,55 @@ def class_radicals(split: str) -> list[str | None]:
 
 
 # ----------------------------------------------------------------------------- rendering
-def _instance_params(code_point: int, n_strokes: int, n: int = INSTANCES_PER_CLASS):
-    """Per-instance jitter: affine ``[n, 4]`` (a,b,c,d), shift ``[n, 2]``, half width ``[n]``,
-    per-stroke (offset x, offset y, stretch x, stretch y) ``[n, n_strokes, 4]``
-    (all float64, from SplitMix64 seeded by (cp, j))."""
-    affine, shift, half, offsets = [], [], [], []
+def _instance_params(code_point: int, n_strokes: int, n: int = INSTANCES_PER_CLASS, style: RenderStyle = KANJI):
+    """Per-instance variation: affine ``[n, 4]`` (a,b,c,d), shift ``[n, 2]``, half width ``[n]``,
+    per-stroke (offset x, offset y, stretch x, stretch y) ``[n, n_strokes, 4]`` and, for a
+    hand-drawn style, per-stroke (start x, start y, end x, end y, bend) ``[n, n_strokes, 5]``
+    (all float64, from SplitMix64 seeded by (style, cp, j); the draws of the ``kanji`` style are
+    exactly those of its version 2)."""
+    affine, shift, half, offsets, hand = [], [], [], [], []
+    diag, shear, move = style.affine_diag, style.affine_shear, style.shift_units
     for j in range(n):
-        rng = SplitMix64(RENDER_SEED ^ ((code_point << 8) | j))
-        affine.append([rng.uniform(-AFFINE_DIAG, AFFINE_DIAG), rng.uniform(-AFFINE_SHEAR, AFFINE_SHEAR),
-                       rng.uniform(-AFFINE_SHEAR, AFFINE_SHEAR), rng.uniform(-AFFINE_DIAG, AFFINE_DIAG)])
-        shift.append([rng.uniform(-SHIFT_UNITS, SHIFT_UNITS), rng.uniform(-SHIFT_UNITS, SHIFT_UNITS)])
-        half.append(rng.uniform(*HALFWIDTH_PX))
-        offsets.append([[rng.uniform(-STROKE_SHIFT_UNITS, STROKE_SHIFT_UNITS),
-                         rng.uniform(-STROKE_SHIFT_UNITS, STROKE_SHIFT_UNITS),
-                         rng.uniform(-STROKE_STRETCH, STROKE_STRETCH),
-                         rng.uniform(-STROKE_STRETCH, STROKE_STRETCH)] for _ in range(n_strokes)])
+        rng = SplitMix64(style.seed ^ ((code_point << 8) | j))
+        affine.append([rng.uniform(-diag, diag), rng.uniform(-shear, shear),
+                       rng.uniform(-shear, shear), rng.uniform(-diag, diag)])
+        shift.append([rng.uniform(-move, move), rng.uniform(-move, move)])
+        half.append(rng.uniform(*style.halfwidth_px))
+        offsets.append([[rng.uniform(-style.stroke_shift_units, style.stroke_shift_units),
+                         rng.uniform(-style.stroke_shift_units, style.stroke_shift_units),
+                         rng.uniform(-style.stroke_stretch, style.stroke_stretch),
+                         rng.uniform(-style.stroke_stretch, style.stroke_stretch)] for _ in range(n_strokes)])
+        if style.hand_drawn:
+            ends, bend = style.endpoint_units, style.bend_units
+            hand.append([[rng.uniform(-ends, ends), rng.uniform(-ends, ends), rng.uniform(-ends, ends),
+                          rng.uniform(-ends, ends), rng.uniform(-bend, bend)] for _ in range(n_strokes)])
+    hand_array = np.array(hand, dtype=np.float64).reshape(n, n_strokes, 5) if style.hand_drawn else None
     return (np.array(affine), np.array(shift), np.array(half),
-            np.array(offsets, dtype=np.float64).reshape(n, n_strokes, 4))
+            np.array(offsets, dtype=np.float64).reshape(n, n_strokes, 4), hand_array)
+
+
+def _draw_by_hand(px: np.ndarray, py: np.ndarray, hand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One stroke's points ``[n, P]`` (109-units) with their ends moved and the stroke bowed:
+    ``hand`` ``[n, 5]`` = start offset x, y, end offset x, y, bend. Point i of P sits at
+    ``t = i / (P - 1)``; it moves by ``(1 - t) * start + t * end`` and then by ``4 t (1 - t) * bend``
+    across the moved stroke's chord (no move across a zero-length chord)."""
+    t = np.arange(px.shape[1], dtype=np.float64) / float(max(px.shape[1] - 1, 1))  # [P]
+    s = 1.0 - t
+    px = px + s * hand[:, 0:1] + t * hand[:, 2:3]
+    py = py + s * hand[:, 1:2] + t * hand[:, 3:4]
+    cx = px[:, -1:] - px[:, :1]  # [n, 1] chord
+    cy = py[:, -1:] - py[:, :1]
+    length = np.sqrt(cx * cx + cy * cy)
+    inv = np.where(length > 0.0, 1.0 / np.where(length > 0.0, length, 1.0), 0.0)
+    bow = (4.0 * t * s) * hand[:, 4:5]  # [n, P]
+    return px - bow * (cy * inv), py + bow * (cx * inv)
 
 
 def render_character(code_point: int, strokes: list[np.ndarray],
-                     n: int = INSTANCES_PER_CLASS) -> np.ndarray:
-    """``n`` jittered renders of one character from its flattened strokes: uint8 ``[n, 1, 28, 28]``."""
+                     n: int = INSTANCES_PER_CLASS, style: RenderStyle = KANJI) -> np.ndarray:
+    """``n`` renders of one character from its flattened strokes in ``style``: uint8 ``[n, 1, 28, 28]``."""
     size = IMAGE_SIZE
-    affine, shift, half, offsets = _instance_params(code_point, len(strokes), n)
+    affine, shift, half, offsets, hand = _instance_params(code_point, len(strokes), n, style)
     scale = (size - 2.0 * MARGIN_PX) / GLYPH_UNITS
     centre = GLYPH_UNITS / 2.0
     grid = np.arange(size, dtype=np.float64) + 0.5  # pixel centres
@@ -366,8 +444,12 @@ def render_character(code_point: int, strokes: list[np.ndarray],
         mid_y = (pts[:, 1].min() + pts[:, 1].max()) * 0.5
         px = pts[None, :, 0] - mid_x  # [n, P]: stroke stretched about its centre, then shifted
         py = pts[None, :, 1] - mid_y
-        px = px + px * offsets[:, s, 2:3] + mid_x + offsets[:, s, 0:1] - centre
-        py = py + py * offsets[:, s, 3:4] + mid_y + offsets[:, s, 1:2] - centre
+        px = px + px * offsets[:, s, 2:3] + mid_x + offsets[:, s, 0:1]
+        py = py + py * offsets[:, s, 3:4] + mid_y + offsets[:, s, 1:2]
+        if hand is not None:
+            px, py = _draw_by_hand(px, py, hand[:, s])
+        px = px - centre
+        py = py - centre
         qx = (px + a * px + b * py + centre + shift[:, 0:1]) * scale + MARGIN_PX
         qy = (c * px + py + d * py + centre + shift[:, 1:2]) * scale + MARGIN_PX
         c0 = max(0, int(math.floor(float(qx.min()) - reach - 0.5)))
@@ -395,42 +477,44 @@ def render_character(code_point: int, strokes: list[np.ndarray],
     return np.floor(ink * 255.0 + 0.5).astype(np.uint8)[:, None]
 
 
-def _render_one(code_point: int) -> np.ndarray:
-    return render_character(code_point, character_strokes(code_point))
+def _render_one(job: tuple[int, str]) -> np.ndarray:
+    code_point, dataset = job
+    return render_character(code_point, character_strokes(code_point), style=STYLES[dataset])
 
 
-def render_all(progress: Callable[[int, int], None] | None = None, workers: int = 1) -> np.ndarray:
-    """Render every class (train, val, test order): uint8 ``[2340 * 20, 1, 28, 28]``.
+def render_all(progress: Callable[[int, int], None] | None = None, workers: int = 1,
+               style: RenderStyle = KANJI) -> np.ndarray:
+    """Render every class (train, val, test order) in ``style``: uint8 ``[2340 * 20, 1, 28, 28]``.
 
     ``workers`` > 1 uses a process pool; the result does not depend on it.
     """
     kanjivg_dir()  # RuntimeError with the pip line when kanjivg is missing
     _check_kanjivg_version()
     names = [ch for split in SPLITS for ch in class_names(split)]
-    cps = [ord(ch) for ch in names]
-    out = np.empty((len(cps) * INSTANCES_PER_CLASS, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    jobs = [(ord(ch), style.dataset) for ch in names]
+    out = np.empty((len(jobs) * INSTANCES_PER_CLASS, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
 
     def store(i: int, images: np.ndarray) -> None:
         out[i * INSTANCES_PER_CLASS:(i + 1) * INSTANCES_PER_CLASS] = images
         if progress is not None:
-            progress(i + 1, len(cps))
+            progress(i + 1, len(jobs))
 
     if workers > 1:
         import multiprocessing
 
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            for i, images in enumerate(pool.imap(_render_one, cps, chunksize=16)):
+            for i, images in enumerate(pool.imap(_render_one, jobs, chunksize=16)):
                 store(i, images)
     else:
-        for i, cp in enumerate(cps):
-            store(i, _render_one(cp))
+        for i, job in enumerate(jobs):
+            store(i, _render_one(job))
     return out
 
 
 # ----------------------------------------------------------------------------- cache
-def cache_path() -> Path:
-    """Where the rendered array lives: ``cache_dir() / kanji-v{DATA_VERSION}-{IMAGE_SIZE}px.npy``."""
-    return cache_dir() / f"kanji-v{DATA_VERSION}-{IMAGE_SIZE}px.npy"
+def cache_path(style: RenderStyle = KANJI) -> Path:
+    """Where a style's rendered array lives: ``cache_dir() / {dataset}-v{version}-{IMAGE_SIZE}px.npy``."""
+    return cache_dir() / f"{style.dataset}-v{style.version}-{IMAGE_SIZE}px.npy"
 
 
 def _expected_shape() -> tuple[int, int, int, int]:
@@ -442,13 +526,13 @@ def _digest(array: np.ndarray) -> str:
     return hashlib.sha256(memoryview(np.ascontiguousarray(array)).cast("B")).hexdigest()
 
 
-def _open_cached(path: Path) -> np.ndarray | None:
-    """The cached array if it is complete and its bytes hash to RENDER_SHA256 (~20 ms), else None."""
+def _open_cached(path: Path, style: RenderStyle = KANJI) -> np.ndarray | None:
+    """The cached array if it is complete and its bytes hash to the style's SHA-256 (~20 ms), else None."""
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError):
         return None
-    if array.dtype != np.uint8 or array.shape != _expected_shape() or _digest(array) != RENDER_SHA256:
+    if array.dtype != np.uint8 or array.shape != _expected_shape() or _digest(array) != style.sha256:
         return None
     return array
 
@@ -467,29 +551,32 @@ def _write_atomic(path: Path, array: np.ndarray) -> None:
         raise
 
 
-def load_all(progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-    """All classes (train, val, test), verified, read-only memory map: uint8 ``[46800, 1, 28, 28]``.
+def load_all(progress: Callable[[int, int], None] | None = None, style: RenderStyle = KANJI) -> np.ndarray:
+    """All classes (train, val, test) in ``style``, verified, read-only memory map: uint8
+    ``[46800, 1, 28, 28]``.
 
-    Renders into the cache on first use, or when the cached file is missing or corrupt.
+    Renders into the cache on first use, or when the cached file is missing or corrupt (two
+    processes rendering at once each write a temporary file and rename it: the same bytes).
     """
-    path = cache_path()
+    path = cache_path(style)
     if path.exists():
-        array = _open_cached(path)
+        array = _open_cached(path, style)
         if array is not None:
             return array
-        warnings.warn(f"kanji cache file {path} is corrupt or stale; rendering it again", stacklevel=2)
-    array = render_all(progress)
+        warnings.warn(f"{style.dataset} cache file {path} is corrupt or stale; rendering it again", stacklevel=2)
+    array = render_all(progress, style=style)
     digest = _digest(array)
-    if digest != RENDER_SHA256:
+    if digest != style.sha256:
         raise RuntimeError(
-            f"rendered kanji data has SHA-256 {digest}, expected {RENDER_SHA256}: rendering is not "
-            f"bit-identical on this machine (kanjivg {KANJIVG_VERSION} required, DATA_VERSION "
-            f"{DATA_VERSION})")
+            f"rendered {style.dataset} data has SHA-256 {digest}, expected {style.sha256}: rendering is not "
+            f"bit-identical on this machine (kanjivg {KANJIVG_VERSION} required, {style.dataset} version "
+            f"{style.version})")
     _write_atomic(path, array)
     return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
-def load_split(split: str, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+def load_split(split: str, progress: Callable[[int, int], None] | None = None,
+               style: RenderStyle = KANJI) -> torch.Tensor:
     """Images of one split: uint8 ``[n_classes * 20, 1, 28, 28]``, instance j of class c at row
     ``c * 20 + j``, classes in ``class_names(split)`` order; ink 255 on black 0.
 
@@ -500,7 +587,7 @@ def load_split(split: str, progress: Callable[[int, int], None] | None = None) -
     for name in SPLITS[:SPLITS.index(split)]:
         start += len(class_names(name)) * INSTANCES_PER_CLASS
     stop = start + len(class_names(split)) * INSTANCES_PER_CLASS
-    return torch.from_numpy(np.array(load_all(progress)[start:stop]))
+    return torch.from_numpy(np.array(load_all(progress, style)[start:stop]))
 
 
 def _main(argv: list[str]) -> int:
@@ -515,10 +602,11 @@ def _main(argv: list[str]) -> int:
     print(f"SPLITS_SHA256 = {splits_digest(splits)!r} "
           f"({', '.join(f'{s} {len(splits[s])}' for s in SPLITS)} classes)")
     if "--render" in argv:
-        start = time.perf_counter()
-        array = render_all(lambda done, total: print(f"\r{done}/{total}", end="", file=sys.stderr))
-        print(f"\nrendered {array.shape} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-        print(f"RENDER_SHA256 = {_digest(array)!r}")
+        for style in STYLES.values():
+            start = time.perf_counter()
+            array = render_all(lambda done, total: print(f"\r{done}/{total}", end="", file=sys.stderr), style=style)
+            print(f"\nrendered {style.dataset} {array.shape} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+            print(f"{style.dataset} v{style.version} sha256 = {_digest(array)!r}")
     return 0
 
 
