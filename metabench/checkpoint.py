@@ -13,7 +13,6 @@ how a resumed run uses it.
 from __future__ import annotations
 
 import copy
-import os
 import random
 import re
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from .errors import MetabenchError
+from .files import fsync_folder, write_atomic  # noqa: F401 (fsync_folder: kept importable from here)
 
 FORMAT = "metabench-checkpoint"
 FORMAT_VERSION = 1
@@ -114,38 +114,11 @@ def load_object_state(name: str, obj: Any, state: Any) -> None:
 
 # ----------------------------------------------------------------------------- files
 
-def fsync_folder(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_save(obj: Any, path: Path, before_rename=None) -> Path:
-    """``torch.save(obj)`` to ``path`` through a temporary file, fsync and rename.
-    ``before_rename()`` runs between the two (tests inject a crash there)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if before_rename is not None:
-            before_rename()
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_folder(path.parent)
-    return path
+    """``torch.save(obj)`` to ``path`` through a temporary file, fsync and rename
+    (:func:`metabench.files.write_atomic`: a failed write is one line naming the path and leaves
+    the previous file intact). ``before_rename()`` runs between the two (tests inject a crash there)."""
+    return write_atomic(path, lambda fh: torch.save(obj, fh), before_rename=before_rename)
 
 
 def load_file(path: Path, what: str) -> dict:
@@ -183,8 +156,7 @@ class CheckpointFolder:
 
     def write(self, state: dict, before_rename=None) -> Path:
         """Write ``state`` as the next checkpoint; drop all but the :data:`KEEP` newest."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        files = self.files()
+        files = self.files()  # (atomic_save makes the folder; a failure is one line naming the file)
         number = int(_NAME.match(files[-1].name).group(1)) + 1 if files else 1
         doc = {"format": FORMAT, "format_version": FORMAT_VERSION, **state}
         path = atomic_save(doc, self.path / f"checkpoint-{number:06d}.pt", before_rename)

@@ -86,10 +86,11 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 def cmd_publish(args: argparse.Namespace) -> int:
     from .cli import _host, data_roots
-    from .publish import publish
+    from .publish import publish_report
 
-    paths = publish([Path(p) for p in args.results], _host(), Path(args.to), data_roots(args))
-    for src, dst in zip(args.results, paths):
-        out.print(f"published {src} -> {dst}", markup=False, soft_wrap=True)
+    report = publish_report([Path(p) for p in args.results], _host(), Path(args.to), data_roots(args))
+    for src, (dst, copied) in zip(args.results, report):
+        line = f"published {src} -> {dst}" if copied else f"already published: {src} is {dst} (nothing copied)"
+        out.print(line, markup=False, soft_wrap=True)
     out.print("now run `metabench leaderboard build` and commit the results and tables", markup=False)
     return 0

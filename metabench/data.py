@@ -7,26 +7,40 @@ Roots: a data set ``name`` is looked for in, first to last,
      ``--data-root DIR``, else ``$METABENCH_DATA``.
 
 Cache: :func:`build_image_cache` decodes a list of image files once into one uint8 array
-``[N, C, H, W]`` (a ``.npy`` file, written atomically, with a JSON sidecar holding its SHA-256,
-class names and class sizes); :func:`open_image_cache` memory-maps it back. An episode is then an
-index operation whatever the original file format was.
+``[N, C, H, W]`` (a ``.npy`` file with a JSON sidecar holding its SHA-256, class names and class
+sizes, both written atomically: temp file, fsync, rename); :func:`open_image_cache` memory-maps it
+back after checking the array against that SHA-256. An episode is then an index operation whatever
+the original file format was.
+
+A folder data set's cache is named by the SHA-256 of its source files' bytes (with the class and
+file names), so a cache stands for exactly the bytes it was built from: images replaced under the
+same names give another cache. :func:`ensure_image_cache` builds a missing or damaged cache under a
+lock file, so processes building the same cache at once build it once and share it.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import tempfile
+import sys
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on Windows
+    fcntl = None
 
 import numpy as np
 import torch
 
 from .cache import cache_dir
 from .errors import MetabenchError
+from .files import cannot_write, write_atomic
 from .task import ClassImageSource
 
 DATA_ENV = "METABENCH_DATA"
@@ -75,10 +89,18 @@ class ImageList:
         return [len(f) for f in self.files]
 
     def fingerprint(self) -> str:
-        """SHA-256 of class names and file names (not contents): names the cache entry."""
+        """SHA-256 of class names and file names (not contents): what the listing is."""
         digest = hashlib.sha256()
         for name, files in zip(self.classes, self.files):
             digest.update(name.encode() + b"\0" + b"\0".join(f.name.encode() for f in files) + b"\1")
+        return digest.hexdigest()
+
+    def content_sha256(self, files: Iterable[Path] | None = None) -> str:
+        """SHA-256 of :meth:`fingerprint` and the bytes of ``files`` (default: every listed file),
+        each file read once, streamed: what a cache built from this listing stands for."""
+        digest = hashlib.sha256(self.fingerprint().encode())
+        for path in (dict.fromkeys(f for fs in self.files for f in fs) if files is None else files):
+            digest.update(Path(path).name.encode() + b"\0" + file_sha256(path).encode() + b"\1")
         return digest.hexdigest()
 
 
@@ -109,23 +131,211 @@ class CachedImages:
     extra: dict | None = None
 
 
-def _atomic_write_bytes(path: Path, write: Callable[[object], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+# ----------------------------------------------------------------------------- cache files
+#: (path, device, inode, size, mtime_ns, recorded SHA-256) of cache files whose array this process has
+#: hashed and found to match their sidecar: each is verified once per process (see open_image_cache)
+_VERIFIED: set[tuple] = set()
+_HASH_CHUNK = 1 << 24  # 16 MiB
 
 
 def cache_paths(key: str) -> tuple[Path, Path]:
-    base = cache_dir() / key
-    return base.with_suffix(".npy"), base.with_suffix(".json")
+    """``<cache>/<key>.npy`` and ``.json``; a key that is not a plain file name is refused (it could
+    name a file outside the cache folder)."""
+    if not key or key.startswith(".") or "/" in key or "\\" in key or "\0" in key:
+        raise MetabenchError(f"cache key {key!r} is not a plain file name")
+    folder = cache_dir()
+    return folder / f"{key}.npy", folder / f"{key}.json"
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, streamed (a MetabenchError naming the file if it cannot be read)."""
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    except OSError as exc:
+        raise MetabenchError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _warn(message: str) -> None:
+    print(f"metabench: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _identity(path: Path, sha256: str) -> tuple:
+    st = path.stat()
+    return (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, sha256)
+
+
+def _array_sha256(array: np.ndarray) -> str:
+    """SHA-256 of a (memory-mapped) C-contiguous array's bytes, read in 16 MiB pieces."""
+    flat = array.reshape(-1)
+    digest = hashlib.sha256()
+    for start in range(0, flat.shape[0], _HASH_CHUNK):
+        digest.update(memoryview(np.ascontiguousarray(flat[start:start + _HASH_CHUNK])))
+    return digest.hexdigest()
+
+
+def inspect_image_cache(key: str) -> tuple[CachedImages | None, str | None]:
+    """(the cached split ``key`` memory-mapped, None) when its files are there and verify;
+    (None, None) when there is no cache; (None, what is wrong) for a damaged one.
+
+    Verifying hashes the whole array: measured 1.7 GB/s on a busy 2-core machine with the file in
+    the page cache, 0.15 s for a 254 MB array (mini-ImageNet's test split), so about 0.1 s for the
+    184 MB CIFAR-100 cache and 6 s for tieredImageNet's 9.5 GB train split (more when the disk is
+    the limit). It is therefore done once per process per file: a file this process already
+    verified, with the same path, device, inode, size and modification time (a rebuilt cache is a
+    new inode), is not hashed again.
+    """
+    npy, meta = cache_paths(key)
+    if not npy.exists() and not meta.exists():
+        return None, None
+    if not npy.exists() or not meta.exists():
+        return None, f"only one of {npy.name} and {meta.name} is there"
+    try:
+        description = json.loads(meta.read_text(encoding="utf-8"))
+        array = np.load(npy, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        return None, f"unreadable ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"
+    if not isinstance(description, dict) or not isinstance(description.get("sha256"), str) \
+            or not isinstance(description.get("classes"), list) or not isinstance(description.get("sizes"), list):
+        return None, f"{meta.name} is not a cache description"
+    if list(array.shape) != description.get("shape") or array.dtype != np.uint8 or array.ndim != 4 \
+            or sum(description["sizes"]) != array.shape[0]:
+        return None, f"holds {array.dtype} {list(array.shape)}, its description says {description.get('shape')}"
+    try:
+        identity = _identity(npy, description["sha256"])
+    except OSError as exc:
+        return None, f"unreadable ({exc.strerror})"
+    if identity not in _VERIFIED:
+        actual = _array_sha256(array)
+        if actual != description["sha256"]:
+            return None, f"its SHA-256 is {actual[:12]}…, not the {description['sha256'][:12]}… recorded when it was built"
+        _VERIFIED.add(identity)
+    with warnings.catch_warnings():  # a read-only memory map: torch warns that it is not writable
+        warnings.simplefilter("ignore", UserWarning)
+        images = torch.from_numpy(array)
+    return CachedImages(images, description["classes"], description["sizes"], description["sha256"], npy,
+                        description.get("extra")), None
+
+
+def open_image_cache(key: str, verify: bool = True) -> CachedImages | None:
+    """The cached split ``key``, memory-mapped and verified against its recorded SHA-256 (see
+    :func:`inspect_image_cache`), or None when absent, inconsistent or damaged.
+
+    ``verify`` is kept for callers of earlier versions: a cache is always verified."""
+    return inspect_image_cache(key)[0]
+
+
+@contextmanager
+def cache_lock(key: str):
+    """Hold ``<cache>/<key>.lock`` exclusively (fcntl.flock): one process builds a cache, the others
+    wait and then find it built. The lock file is removed when released (the holder unlinks it; a
+    waiter that got the lock on a removed file takes the new one), so none is left behind.
+    Where fcntl does not exist the build is not serialised, but still atomic (temp file + rename)."""
+    path = cache_dir() / f"{key}.lock"
+    if fcntl is None:
+        yield
+        return
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:  # a read-only cache folder: name the cache that cannot be written
+            raise cannot_write(cache_paths(key)[0], exc) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:  # the holder removed it before we got it: take the new one
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def ensure_image_cache(key: str, build: Callable[[], object],
+                       check: Callable[[CachedImages], str | None] | None = None) -> CachedImages:
+    """The verified cache ``key``, built by ``build()`` first when it is absent, damaged, or
+    ``check(found)`` names a problem with it.
+
+    A damaged cache (its array does not match its recorded SHA-256, a missing or foreign sidecar)
+    is rebuilt with one warning line on stderr saying so; a cache that does not verify right after
+    it was built is refused with one line (MetabenchError). Building holds :func:`cache_lock`, so
+    processes building the same cache at once build it once and all open the same verified files.
+    """
+    def usable() -> tuple[CachedImages | None, str | None]:
+        found, problem = inspect_image_cache(key)
+        if found is not None and check is not None:
+            problem = check(found)
+            if problem:
+                found = None
+        return found, problem
+
+    found, _ = usable()
+    if found is not None:
+        return found
+    with cache_lock(key):
+        found, problem = usable()  # another process may have built it while this one waited
+        if found is not None:
+            return found
+        npy = cache_paths(key)[0]
+        if problem:
+            _warn(f"cache {npy}: {problem}; rebuilding it")
+        build()
+        found, problem = usable()
+    if found is None:
+        raise MetabenchError(f"cache {npy} does not verify right after it was built "
+                             f"({problem or 'it is not there'}); refusing to use it")
+    return found
+
+
+def _npy_header(shape: Sequence[int]) -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "|u1", "fortran_order": False, "shape": tuple(shape)})
+    return buffer.getvalue()
+
+
+def _write_cache(key: str, shape: Sequence[int], chunks: Callable[[], Iterable[np.ndarray]], classes, sizes,
+                 source, extra) -> None:
+    """Write ``key``'s ``.npy`` (uint8 ``shape``, from the C-contiguous uint8 pieces ``chunks()``
+    yields in order) and its ``.json`` description, each through a temp file, fsync and rename;
+    the SHA-256 is computed while writing. On any failure neither file is left behind."""
+    npy, meta = cache_paths(key)
+    digest = hashlib.sha256()
+    meta_written = []
+
+    def write_array(fh) -> None:
+        fh.write(_npy_header(shape))
+        rows = 0
+        for piece in chunks():
+            piece = np.ascontiguousarray(piece, dtype=np.uint8)
+            rows += piece.shape[0]
+            view = memoryview(piece).cast("B")
+            digest.update(view)
+            fh.write(view)
+        if rows != shape[0]:
+            raise RuntimeError(f"cache {npy}: wrote {rows} rows, expected {shape[0]}")
+
+    def write_description() -> None:  # between the array's fsync and its rename: both files or neither
+        description = {"classes": list(classes), "sizes": list(sizes), "sha256": digest.hexdigest(),
+                       "shape": list(shape), "source": source, "extra": extra}
+        write_atomic(meta, lambda fh: fh.write(json.dumps(description, indent=1).encode()))
+        meta_written.append(meta)
+
+    try:
+        write_atomic(npy, write_array, before_rename=write_description)
+    except BaseException:
+        for path in meta_written:
+            path.unlink(missing_ok=True)
+        raise
+    _VERIFIED.add(_identity(npy, digest.hexdigest()))  # hashed while written: no need to read it back
 
 
 def build_image_cache(key: str, listing: ImageList, size: int, channels: int,
@@ -136,76 +346,48 @@ def build_image_cache(key: str, listing: ImageList, size: int, channels: int,
     Images land in listing order: class 0's files, then class 1's, ... ``progress(done, total)``
     is called per class. ``read(item) -> uint8 [channels, size, size]`` decodes one item
     (default: the image file at that path); a data set whose images live inside an archive
-    passes its own. The array is written through a memory map, so it never has to fit in RAM.
+    passes its own. The array is streamed to a temporary file one class at a time (it never has to
+    fit in RAM) and renamed into place with its description once complete: a failure (an
+    unreadable image, a full disk) leaves no file behind. Callers normally go through
+    :func:`ensure_image_cache`, which holds the build lock.
     """
     read = read or (lambda path: decode_image(path, size, channels))
     total = sum(listing.sizes())
-    npy, meta = cache_paths(key)
-    npy.parent.mkdir(parents=True, exist_ok=True)
-    array = np.lib.format.open_memmap(str(npy) + ".partial", mode="w+", dtype=np.uint8,
-                                      shape=(total, channels, size, size))
-    try:
-        row = 0
+
+    def chunks():
         for c, files in enumerate(listing.files):
-            for f in files:
-                array[row] = read(f)
-                row += 1
+            block = np.empty((len(files), channels, size, size), dtype=np.uint8)
+            for i, f in enumerate(files):
+                block[i] = read(f)
+            yield block
             if progress:
                 progress(c + 1, len(listing.files))
-        array.flush()
-        digest = hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
-        del array
-        os.replace(str(npy) + ".partial", npy)
-    except BaseException:
-        if os.path.exists(str(npy) + ".partial"):
-            os.unlink(str(npy) + ".partial")
-        raise
-    _write_description(meta, list(listing.classes), listing.sizes(), digest, [total, channels, size, size],
-                       listing.fingerprint(), None)
-    return open_image_cache(key, verify=False)
 
-
-def _write_description(meta: Path, classes, sizes, digest, shape, source, extra) -> None:
-    description = {"classes": list(classes), "sizes": list(sizes), "sha256": digest, "shape": list(shape),
-                   "source": source, "extra": extra}
-    _atomic_write_bytes(meta, lambda fh: fh.write(json.dumps(description, indent=1).encode()))
+    _write_cache(key, (total, channels, size, size), chunks, list(listing.classes), listing.sizes(),
+                 listing.fingerprint(), None)
+    found, problem = inspect_image_cache(key)
+    if found is None:
+        raise MetabenchError(f"cache {cache_paths(key)[0]} does not verify right after it was built ({problem})")
+    return found
 
 
 def write_image_cache(key: str, images: np.ndarray, classes: Sequence[str], sizes: Sequence[int], source: str,
                       extra: dict | None = None) -> CachedImages:
-    """Store images that already are an array (uint8 [N, C, H, W], classes contiguous) under ``key``.
+    """Store images that already are an array (uint8 [N, C, H, W], classes contiguous) under ``key``
+    (atomically, like :func:`build_image_cache`).
 
     ``extra`` (JSON-able) is kept in the sidecar and returned as ``CachedImages.extra``.
     """
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != sum(sizes):
         raise ValueError(f"write_image_cache: expected uint8 [{sum(sizes)}, C, H, W], got {images.dtype} {images.shape}")
     images = np.ascontiguousarray(images)
-    npy, meta = cache_paths(key)
-    npy.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(npy, lambda fh: np.save(fh, images, allow_pickle=False))
-    _write_description(meta, classes, sizes, hashlib.sha256(images.data).hexdigest(), images.shape, source, extra)
-    return open_image_cache(key)
-
-
-def open_image_cache(key: str, verify: bool = False) -> CachedImages | None:
-    """The cached split ``key``, memory-mapped, or None when absent or inconsistent."""
-    npy, meta = cache_paths(key)
-    if not (npy.exists() and meta.exists()):
-        return None
-    try:
-        description = json.loads(meta.read_text())
-        array = np.load(npy, mmap_mode="r")
-    except (OSError, ValueError):
-        return None
-    if list(array.shape) != description.get("shape") or array.dtype != np.uint8:
-        return None
-    if verify and hashlib.sha256(np.ascontiguousarray(array).data).hexdigest() != description["sha256"]:
-        return None
-    with warnings.catch_warnings():  # a read-only memory map: torch warns that it is not writable
-        warnings.simplefilter("ignore", UserWarning)
-        images = torch.from_numpy(array)
-    return CachedImages(images, description["classes"], description["sizes"], description["sha256"], npy,
-                        description.get("extra"))
+    step = max(1, _HASH_CHUNK // max(1, images[0].nbytes)) if len(images) else 1
+    _write_cache(key, images.shape, lambda: (images[i:i + step] for i in range(0, len(images), step)),
+                 classes, sizes, source, extra)
+    found, problem = inspect_image_cache(key)
+    if found is None:
+        raise MetabenchError(f"cache {cache_paths(key)[0]} does not verify right after it was built ({problem})")
+    return found
 
 
 class FolderImageSource(ClassImageSource):
@@ -227,6 +409,7 @@ class FolderImageSource(ClassImageSource):
         super().__init__()
         self.roots = DataRoots.from_settings()
         self._listings: dict[str, ImageList] = {}
+        self._keys: dict[str, str] = {}
         self._cached: dict[str, CachedImages] = {}
 
     def set_roots(self, roots: DataRoots) -> None:
@@ -235,6 +418,7 @@ class FolderImageSource(ClassImageSource):
             return
         self.roots = roots
         self._listings.clear()
+        self._keys.clear()
         self._cached.clear()
         self._loaded.clear()
         self._offsets.clear()
@@ -252,8 +436,21 @@ class FolderImageSource(ClassImageSource):
             self._listings[split] = self.list_split(self.root, split)
         return self._listings[split]
 
+    def source_files(self, split: str) -> list[Path] | None:
+        """The files whose bytes make up ``split`` (None: every listed image file)."""
+        return None
+
     def cache_key(self, split: str) -> str:
-        return f"{self.dataset}-{split}-{self.channels}x{self.image_size}px-{self.listing(split).fingerprint()[:16]}"
+        """``<data set>-<split>-<C>x<size>px-<16 hex digits>``: the digits are the SHA-256 of the
+        split's class and file names and of every source file's bytes, so images replaced under the
+        same names give another key. Computed once per source object (per process); it reads every
+        file: measured on a 2-core machine, page-cached, about 26 us per file plus 1.4 GB/s (2,000
+        JPEGs of 20 MB: 52 ms against 0.7 ms for the names alone; a 12 GB tieredImageNet train
+        pickle: about 9 s, more where the disk is the limit)."""
+        if split not in self._keys:
+            digest = self.listing(split).content_sha256(self.source_files(split))
+            self._keys[split] = f"{self.dataset}-{split}-{self.channels}x{self.image_size}px-{digest[:16]}"
+        return self._keys[split]
 
     def class_sizes(self, split: str) -> list[int]:
         return self.listing(split).sizes()
@@ -266,17 +463,29 @@ class FolderImageSource(ClassImageSource):
         """The decoded split, building the cache first if needed (an unreadable image: one line
         naming it, from :meth:`error`)."""
         if split not in self._cached:
-            key = self.cache_key(split)
-            found = open_image_cache(key)
-            if found is None or found.sizes != self.listing(split).sizes():
+            listing = self.listing(split)
+
+            def build() -> None:
                 try:
-                    found = build_image_cache(key, self.listing(split), self.image_size, self.channels, progress)
+                    self.build_cache(split, progress)
                 except MetabenchError as exc:
                     if str(exc).startswith("cannot read image"):
                         raise self.error(str(exc)) from None
                     raise
-            self._cached[split] = found
+
+            self._cached[split] = ensure_image_cache(self.cache_key(split), build,
+                                                     lambda found: self._size_problem(found, listing))
         return self._cached[split]
+
+    def build_cache(self, split: str, progress=None) -> None:
+        """Decode ``split`` into its cache (called under the cache's build lock)."""
+        build_image_cache(self.cache_key(split), self.listing(split), self.image_size, self.channels, progress)
+
+    @staticmethod
+    def _size_problem(found: CachedImages, listing: ImageList) -> str | None:
+        if found.sizes != listing.sizes() or found.classes != list(listing.classes):
+            return "describes other classes than the folder lists"
+        return None
 
     def load_split(self, split: str, progress=None) -> torch.Tensor:
         return self.cached(split, progress).images

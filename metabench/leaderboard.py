@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import MetabenchError
+from .files import write_bytes_atomic
 from .results import PER_STEP_COUNTS, load_result
 from .stats import Summary, paired_compare, summarize
 
@@ -738,9 +739,7 @@ def build(result_dirs: list[Path], out_dir: Path, published_path: Path | None = 
     for name, data in files.items():
         path = out_dir / name
         if not path.is_file() or path.read_bytes() != data:
-            tmp = path.with_name(f".{name}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            write_bytes_atomic(path, data)  # a failed write: one line naming the file, the old one intact
             written.append(path)
     removed = []
     for name in generated_names(out_dir):

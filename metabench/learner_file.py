@@ -24,8 +24,9 @@ import datetime as _dt
 from pathlib import Path
 
 from . import __version__
-from .checkpoint import atomic_save, load_file
+from .checkpoint import load_file
 from .errors import MetabenchError
+from .files import write_atomic
 
 FORMAT = "metabench-learner"
 FORMAT_VERSION = 1
@@ -43,14 +44,12 @@ def learner_document(*, learner: dict, backbone: dict, task: dict, seed: int, bu
 
 
 def write_learner_file(doc: dict, out_dir: Path, stem: str) -> Path:
-    """Write ``<out_dir>/<stem>.learner.pt`` atomically; a taken name gets a numeric suffix (never overwrites)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target, n = out_dir / f"{stem}{SUFFIX}", 1
-    while target.exists():
-        n += 1
-        target = out_dir / f"{stem}-{n}{SUFFIX}"
-    return atomic_save(doc, target)
+    """Write ``<out_dir>/<stem>.learner.pt`` atomically; a taken name gets a numeric suffix, claimed
+    atomically (never overwrites, also when two runs write the same name at once)."""
+    import torch
+
+    return write_atomic(Path(out_dir) / f"{stem}{SUFFIX}", lambda fh: torch.save(doc, fh), exclusive=True,
+                        suffix=SUFFIX)
 
 
 _REQUIRED = {"learner": ("name", "plugin", "config"), "backbone": ("name", "options"),

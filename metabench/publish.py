@@ -3,8 +3,8 @@
 A result is accepted when it is a valid result file (schema), its task is installed with the same
 version and episode shape, its ``episodes_sha256`` is the hash of the first ``task.episodes``
 evaluation episodes of the installed task, its summary mean matches its per-episode values, and the
-leaderboard holds no result yet for the same task, learner, backbone, budget, seed, episode set and
-training task. A cross-task result (``trained_on.task`` names another task: a saved learner evaluated
+leaderboard holds no other result for the same task, learner, backbone, budget, seed, episode set and
+training task (the same result again is not copied twice: publishing is idempotent). A cross-task result (``trained_on.task`` names another task: a saved learner evaluated
 by ``metabench eval``) is validated against the task it was tested on, like any other; its training
 task must be a plain name, and is part of what tells it apart from the same-task run of that seed.
 A result of a task file (``task.task_file``) is checked against that file and its folder as they are
@@ -14,14 +14,13 @@ All files are validated before any is copied: one refusal copies nothing.
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .episodes import episodes_sha256, eval_draws
 from .errors import MetabenchError
+from .files import write_atomic
 from .leaderboard import settings_sha, trained_on_problem, training_task
 from .results import load_result, result_filename
 
@@ -34,6 +33,8 @@ class Accepted:
     source: Path
     doc: dict
     target: Path
+    existing: bool = False  # the same document is already in the leaderboard (target is that file)
+    duplicate: bool = False  # the same document was given earlier in the same command
 
 
 def run_key(doc: dict) -> tuple:
@@ -100,60 +101,67 @@ def validate(path: Path, host, hash_cache: dict | None = None, roots=None) -> di
 
 
 def plan(paths: list[Path], host, dest: Path = DEFAULT_DEST, roots=None) -> list[Accepted]:
-    """Validate every file and decide where each goes; raises on the first refusal (nothing copied)."""
+    """Validate every file and decide where each goes; raises on the first refusal (nothing copied).
+
+    A result whose document is already in ``dest`` (the same run, the same values: a second publish
+    of the same file) is accepted with ``existing`` set and is not copied again, so publishing is
+    idempotent; another result of the same run is refused."""
     accepted: list[Accepted] = []
     cache: dict = {}
     for path in paths:
         doc = validate(path, host, cache, roots)
         folder = dest / doc["task"]["name"] / doc["learner"]["name"]
+        existing = None
         for other in sorted(folder.glob("*.json")) if folder.is_dir() else []:
             try:
-                existing = load_result(other)
+                theirs = load_result(other)
             except MetabenchError:
                 continue
-            if run_key(doc) == run_key(existing):
+            if run_key(doc) == run_key(theirs):
+                if theirs == doc:
+                    existing = other
+                    break
                 raise MetabenchError(f"{path}: refused: {other} already holds seed {doc['seed']} of this learner, "
-                                     f"backbone, settings, budget and training task on these episodes; remove it "
-                                     f"first to replace it")
-        for prior in accepted:
-            if run_key(doc) == run_key(prior.doc):
-                raise MetabenchError(f"{path}: refused: the same run as {prior.source} (seed {doc['seed']})")
-        accepted.append(Accepted(path, doc, folder / result_filename(doc)))
+                                     f"backbone, settings, budget and training task on these episodes, with other "
+                                     f"values; remove it first to replace it")
+        prior = next((a for a in accepted if run_key(doc) == run_key(a.doc)), None)
+        if prior is not None and prior.doc != doc:
+            raise MetabenchError(f"{path}: refused: the same run as {prior.source} (seed {doc['seed']}) "
+                                 f"with other values")
+        if prior is not None:  # the same file (or a copy) given twice: it goes where the first goes
+            accepted.append(Accepted(path, doc, prior.target, prior.existing, duplicate=True))
+        else:
+            accepted.append(Accepted(path, doc, existing or folder / result_filename(doc), existing is not None))
     return accepted
 
 
 def copy_new(source: Path, target: Path) -> Path:
-    """Copy ``source``'s bytes to ``target`` atomically, never overwriting (a taken name gets a suffix)."""
-    data = source.read_bytes()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=target.parent)
+    """Copy ``source``'s bytes to ``target`` atomically, never overwriting (a taken name gets a suffix,
+    claimed atomically); a failed write is one line naming the file and leaves none behind."""
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        n, final = 1, target
-        while True:
-            try:
-                os.link(tmp, final)
-                return final
-            except FileExistsError:
-                pass
-            except OSError:  # a file system without hard links: rename, after checking the name is free
-                if not final.exists():
-                    os.replace(tmp, final)
-                    return final
-            n += 1
-            final = target.with_name(f"{target.stem}-{n}.json")
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        data = source.read_bytes()
+    except OSError as exc:
+        raise MetabenchError(f"{source}: cannot read: {exc.strerror or exc}") from None
+    return write_atomic(target, lambda fh: fh.write(data), exclusive=True, suffix=".json")
+
+
+def publish_report(paths: list[Path], host, dest: Path = DEFAULT_DEST, roots=None) -> list[tuple[Path, bool]]:
+    """Validate all of ``paths``, then copy each into ``dest/<task>/<learner>/``; returns, per path,
+    (where it is in ``dest``, whether it was copied now: False when it was already published)."""
+    accepted = plan(paths, host, dest, roots)
+    out: list[tuple[Path, bool]] = []
+    where: dict[tuple, Path] = {}  # run key -> where the first of its files went
+    for a in accepted:
+        if a.duplicate:
+            out.append((where[run_key(a.doc)], False))
+            continue
+        path = a.target if a.existing else copy_new(a.source, a.target)
+        where[run_key(a.doc)] = path
+        out.append((path, not a.existing))
+    return out
 
 
 def publish(paths: list[Path], host, dest: Path = DEFAULT_DEST, roots=None) -> list[Path]:
-    """Validate all of ``paths``, then copy each into ``dest/<task>/<learner>/``; returns the new paths."""
-    accepted = plan(paths, host, dest, roots)
-    try:
-        return [copy_new(a.source, a.target) for a in accepted]
-    except OSError as exc:
-        raise MetabenchError(f"cannot copy into {dest}: {exc.strerror or exc}") from None
+    """Validate all of ``paths``, then copy each into ``dest/<task>/<learner>/``; returns their paths
+    there (a result already published is not copied again: see :func:`plan`)."""
+    return [path for path, _ in publish_report(paths, host, dest, roots)]

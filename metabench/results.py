@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from .errors import MetabenchError
+from .files import write_atomic
 
 SCHEMA_VERSION = 1
 #: Test-time step counts after which a regression result records the metric of every episode
@@ -177,9 +176,11 @@ def result_filename(doc: dict) -> str:
 
 
 def write_result(doc: dict, out_dir: str | Path) -> Path:
-    """Write ``doc`` into ``out_dir`` atomically (temp file + fsync + rename); never overwrites.
+    """Write ``doc`` into ``out_dir`` atomically (temp file + fsync + link); never overwrites.
 
-    Returns the path written. A name already taken gets a numeric suffix.
+    Returns the path written. A name already taken gets a numeric suffix, claimed atomically, so two
+    runs finishing in the same second (the name's time stamp) both keep their file. A failed write
+    (full disk, read-only folder) is one line naming the path, and leaves no file.
     """
     problems = schema_problems(doc)
     if problems:
@@ -192,32 +193,5 @@ def write_result(doc: dict, out_dir: str | Path) -> Path:
     if not out.is_dir():
         raise MetabenchError(f"--out {out} is not a folder")
     text = json.dumps(doc, indent=1, sort_keys=False, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=out)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        base = result_filename(doc)
-        target = out / base
-        n = 1
-        while True:
-            try:
-                os.link(tmp, target)  # atomic, and fails instead of overwriting an existing result
-                break
-            except FileExistsError:
-                n += 1
-                target = out / base.replace(".json", f"-{n}.json")
-            except OSError:  # a file system without hard links: rename, after checking the name is free
-                if target.exists():
-                    n += 1
-                    target = out / base.replace(".json", f"-{n}.json")
-                    continue
-                os.replace(tmp, target)
-                return target
-        os.unlink(tmp)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return target
+    return write_atomic(out / result_filename(doc), lambda fh: fh.write(text.encode("utf-8")), exclusive=True,
+                        suffix=".json")

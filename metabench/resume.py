@@ -103,8 +103,7 @@ class RunFolder:
         return self.read_run_file(folder)["identity"]
 
     def start(self, identity: dict, run_id: str) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic_save({"identity": identity, "run_id": run_id}, self.path / RUN_FILE)
+        atomic_save({"identity": identity, "run_id": run_id}, self.path / RUN_FILE)  # makes the folder
 
     def has_progress(self) -> bool:
         """Whether there is anything to resume from (a checkpoint or evaluation progress)."""

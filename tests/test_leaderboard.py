@@ -396,7 +396,12 @@ def test_publish_copies_a_valid_result(tiny_only, tmp_path, capsys):
     assert code == 0, err
     (copied,) = (dest / "tiny-3w2s" / "toy").glob("*.json")
     assert copied.read_bytes() == src.read_bytes() and copied.name == result_filename(tiny_doc())
-    code, _, err = lb_cli(capsys, "publish", str(src), "--to", str(dest))  # the same run again
+    before = copied.stat()
+    code, stdout, err = lb_cli(capsys, "publish", str(src), "--to", str(dest))  # the same result again: a no-op
+    assert code == 0 and f"already published: {src} is {copied}" in stdout, err
+    assert len(list(dest.rglob("*.json"))) == 1 and copied.stat().st_mtime_ns == before.st_mtime_ns
+    other = save(tiny_doc(**{"timing.eval_s": 99.0}), tmp_path / "runs", "other.json")
+    code, _, err = lb_cli(capsys, "publish", str(other), "--to", str(dest))  # the same run with other values
     assert code == 2 and "already holds seed 0" in one_error_line(err)
     assert len(list(dest.rglob("*.json"))) == 1
     build([dest], tmp_path / "lb")
@@ -452,7 +457,11 @@ def test_publish_keeps_a_cross_task_result_apart_from_the_same_task_run(tiny_onl
     code, _, err = lb_cli(capsys, "publish", str(same), str(cross), "--to", str(dest))
     assert code == 0, err
     assert len(list(dest.rglob("*.json"))) == 2  # the same learner and seed: not a duplicate
-    code, _, err = lb_cli(capsys, "publish", str(cross), "--to", str(dest))  # the cross-task run again
+    code, stdout, err = lb_cli(capsys, "publish", str(cross), "--to", str(dest))  # the cross-task result again
+    assert code == 0 and "already published" in stdout, err
+    again = save(tiny_doc(trained_on={"task": "other-3w2s", "version": 1, "image_size": 28},
+                          **{"timing.eval_s": 99.0}), tmp_path / "runs", "again.json")
+    code, _, err = lb_cli(capsys, "publish", str(again), "--to", str(dest))  # that run with other values
     assert code == 2 and "already holds seed 0" in one_error_line(err)
     for bad, fragment in (({"task": "../x"}, "training task name '../x'"), ("other-3w2s", "trained_on must be")):
         path = save(tiny_doc(trained_on=bad), tmp_path / "runs", "bad.json")

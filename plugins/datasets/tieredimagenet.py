@@ -10,7 +10,9 @@ split:
   arrays or bytes) and ``<split>_labels.pkl`` (a dict with ``label_specific``, one class index per
   image, and ``label_specific_str``, the class names). Names that are not WordNet ids are mapped
   through ``synsets.txt`` and ``class_names.txt`` (line-aligned, as shipped with the pickles).
-  The pickles are read with an unpickler that only builds numpy arrays and plain containers.
+  The pickles are read with an unpickler that only builds numpy arrays and plain containers; the
+  original protocol-2 files and the same arrays pickled again with protocol 5 (numpy 1.16+ or 2)
+  are accepted alike.
 
 Classes are numbered in the split file's order (Ren et al.'s csv order), whatever the order of the
 class indices inside the pickles.
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from metabench import MetabenchError, hookimpl
-from metabench.data import ImageList, build_image_cache, decode_image, open_image_cache
+from metabench.data import ImageList, build_image_cache, decode_image
 
 from metabench.folders import SplitFolderSource, make_protocols
 
@@ -49,6 +51,9 @@ class _ArraysOnly(pickle.Unpickler):
         ("numpy", "ndarray"), ("numpy", "dtype"),
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        # pickle protocol 5 rebuilds an array from its buffer (numpy 1.16+ / numpy 2 name); frombuffer
+        # refuses object dtypes, so this builds plain arrays only
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
         ("_codecs", "encode"), ("collections", "OrderedDict"),
     }
 
@@ -150,18 +155,18 @@ class TieredImageNetSource(SplitFolderSource):
             return None
         return first.with_name(first.name.partition(_PICKLE_MARK)[0])
 
-    def cached(self, split: str, progress=None):
-        if split not in self._cached:
-            listing = self.listing(split)
-            images_pkl = self._pickle_source(listing)
-            if images_pkl is None:
-                return super().cached(split, progress)
-            key = self.cache_key(split)
-            found = open_image_cache(key)
-            if found is None or found.sizes != listing.sizes():
-                found = self._build_from_pickle(key, listing, images_pkl, progress)
-            self._cached[split] = found
-        return self._cached[split]
+    def source_files(self, split: str) -> list[Path] | None:
+        """A pickle split's bytes are its images pickle (its labels are in the listing itself)."""
+        images_pkl = self._pickle_source(self.listing(split))
+        return None if images_pkl is None else [images_pkl]
+
+    def build_cache(self, split: str, progress=None) -> None:
+        listing = self.listing(split)
+        images_pkl = self._pickle_source(listing)
+        if images_pkl is None:
+            super().build_cache(split, progress)
+        else:
+            self._build_from_pickle(self.cache_key(split), listing, images_pkl, progress)
 
     def decode_png(self, blob, where: str) -> np.ndarray:
         """One PNG (numpy uint8 array or bytes) as uint8 [3, 84, 84]."""
