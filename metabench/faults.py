@@ -1,4 +1,4 @@
-"""Failure points for tests: make a run die or diverge at a chosen place, repeatably.
+"""Failure points for tests: make a run die, diverge or pause at a chosen place, repeatably.
 
 ``METABENCH_FAULT`` holds comma-separated ``ACTION@WHERE`` entries (unset in normal use: every
 call below is then a dictionary lookup that finds nothing):
@@ -9,14 +9,21 @@ call below is then a dictionary lookup that finds nothing):
 - ``kill@checkpoint:2``   SIGKILL it while writing its 2nd checkpoint, after the temporary file is
   complete and before it is renamed into place
 - ``nan@meta-train:5``    make the training loss of step 5 of ``meta-train`` NaN
+- ``pause@meta-train:2``  hold this process inside training step 2 of ``meta-train`` (wherever
+  ``kill@`` could act) until the file named by ``METABENCH_FAULT_RELEASE`` exists (at most
+  :data:`PAUSE_LIMIT_S` seconds), then go on: a run kept in mid-flight while a test acts beside it.
+  Once held, it creates ``<that name>.paused`` to say so.
 """
 from __future__ import annotations
 
 import os
 import signal
+import time
 from functools import lru_cache
 
 _ENV = "METABENCH_FAULT"
+_RELEASE = "METABENCH_FAULT_RELEASE"
+PAUSE_LIMIT_S = 600.0
 
 
 @lru_cache(maxsize=8)
@@ -34,9 +41,18 @@ def _armed(action: str, where: str) -> bool:
 
 
 def kill_point(where: str) -> None:
-    """SIGKILL this process if ``kill@<where>`` is armed."""
+    """SIGKILL this process if ``kill@<where>`` is armed; hold it if ``pause@<where>`` is."""
     if _armed("kill", where):
         os.kill(os.getpid(), signal.SIGKILL)
+    if _armed("pause", where):
+        release = os.environ.get(_RELEASE)
+        if not release:
+            return
+        with open(release + ".paused", "w"):
+            pass
+        deadline = time.monotonic() + PAUSE_LIMIT_S
+        while not os.path.exists(release) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def loss_value(where: str, value: float) -> float:

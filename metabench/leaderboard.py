@@ -13,6 +13,10 @@ the averaged values. The best row is the best mean among rows on the section's r
 set (the one with the most episodes; ties: the set used by more rows). Every other row on that set
 is compared with it by a paired t-test, Holm-corrected across those rows, and marked ``tied`` when
 not significant at ``ALPHA``; rows on another episode set cannot be paired, get no rank, and say so.
+Beside the t-test, a Wilcoxon signed-rank test of the same pairs (Holm-corrected the same way) says
+``worse``, ``better`` or ``tied``; a row where the two disagree at ``ALPHA`` says so in its table cell
+(a mean dragged by a few outlier episodes, or a shift of most episodes that outliers hide from the
+t-test), and the CSV and JSON carry the rank test's p-values for every row.
 
 Cross-task results (``trained_on.task`` names another task than ``task.name``: a learner
 meta-trained on one task and tested on this one, e.g. miniimagenet-5w1s -> cub-5w1s as in Chen et
@@ -182,6 +186,11 @@ class Row:
     p_value: float | None = None
     p_holm: float | None = None
     mean_diff: float | None = None
+    # the Wilcoxon signed-rank test of the same pairs: worse, better or tied (None: not tested)
+    rank_status: str | None = None
+    rank_p_value: float | None = None
+    rank_p_holm: float | None = None
+    rank_lean: int = 0  # +1: most episodes better than the best row's, -1: worse (by signed ranks)
     note: str = ""
     show_settings: bool = False  # several settings of one learner/backbone in the section
     trained_on: str | None = None  # the training task of a cross-task row; None: same-task
@@ -327,11 +336,16 @@ def rank_section(rows: list[Row], higher_is_better: bool) -> list[Row]:
             warnings.simplefilter("ignore")
             c = paired_compare(r.per_episode, best.per_episode)
         r.p_value, r.mean_diff = c.t_pvalue, c.mean_diff
+        r.rank_p_value = c.wilcoxon_pvalue if math.isfinite(c.wilcoxon_pvalue) else 1.0
+        r.rank_lean = c.wilcoxon_direction if higher_is_better else -c.wilcoxon_direction
         tested.append(r)
-    for r, p in zip(tested, holm([r.p_value for r in tested])):
-        r.p_holm = p
+    for r, p, w in zip(tested, holm([r.p_value for r in tested]), holm([r.rank_p_value for r in tested])):
+        r.p_holm, r.rank_p_holm = p, w
         r.status = "tied" if p >= ALPHA else "worse"
-        r.note = f"{'tied' if p >= ALPHA else 'worse'} (Holm p = {p:.3g})"
+        r.rank_status = "tied" if w >= ALPHA or r.rank_lean == 0 else "better" if r.rank_lean > 0 else "worse"
+        r.note = f"{r.status} (Holm p = {p:.3g})"
+        if r.rank_status != r.status:  # the tests disagree: the mean and the typical episode tell apart
+            r.note += f"; rank test: {r.rank_status} (Holm p = {w:.3g})"
     n_best = len(best.per_episode)
     for r in unpaired:
         n = len(r.per_episode)
@@ -459,7 +473,8 @@ def row_record(r: Row, out_dir: Path) -> dict:
         "metabench_versions": sorted({str(x.doc["metabench_version"]) for x in r.results}),
         "learner_versions": r.values("learner", "version"),
         "vs_best": {"status": r.status, "p_value": _r(r.p_value), "p_holm": _r(r.p_holm),
-                    "mean_diff": _r(r.mean_diff), "note": r.note},
+                    "mean_diff": _r(r.mean_diff), "wilcoxon_status": r.rank_status,
+                    "wilcoxon_p_value": _r(r.rank_p_value), "wilcoxon_p_holm": _r(r.rank_p_holm), "note": r.note},
         "results": [_link(x.path, out_dir) for x in r.results],
         **({"test_steps": r.test_steps, "after_steps": {k: {"mean": _r(v[0]), "non_finite": v[1]}
                                                          for k in PER_STEP_KEYS if (v := r.metric_after_steps(k))}}
@@ -481,6 +496,7 @@ def render_json(board: Board, out_dir: Path, published: list[Published]) -> byte
     doc = {
         "task": board.task, "metric": board.metric, "higher_is_better": board.higher_is_better,
         "alpha": ALPHA, "comparison": "paired t-test against the best row on identical episodes, Holm-corrected",
+        "wilcoxon_comparison": "Wilcoxon signed-rank test (zero differences dropped) on the same pairs, Holm-corrected",
         "sections": [section_record(s, out_dir, board.cross_task) for s in board.sections],
         "published": [{"learner": p.learner, "backbone": p.backbone, "value": p.value, "ci95": p.ci95,
                        "source": p.source, "note": p.note} for p in published if p.task == board.task],
@@ -491,7 +507,8 @@ def render_json(board: Board, out_dir: Path, published: list[Published]) -> byte
 CSV_COLUMNS = ("budget", "task_version", "rank", "learner", "backbone", "settings_sha256", "mean", "ci95", "median",
                "worst", "worst_episode", "episodes",
                "episodes_sha256", "seeds", "seed_std", "transductive", "meta_train_s", "eval_s", "devices",
-               "metabench_versions", "vs_best", "p_value", "p_holm", "results")
+               "metabench_versions", "vs_best", "p_value", "p_holm", "wilcoxon_vs_best", "wilcoxon_p_value",
+               "wilcoxon_p_holm", "results")
 
 
 def csv_columns(board: Board) -> tuple[str, ...]:
@@ -507,8 +524,10 @@ def render_csv(board: Board, out_dir: Path) -> bytes:
     for s in board.sections:
         for r in s.rows:
             rec = row_record(r, out_dir)
+            vs = rec["vs_best"]
             rec.update(budget=s.budget, task_version=s.task_version, trained_on=r.trained_on, vs_best=r.status,
-                       p_value=rec["vs_best"]["p_value"], p_holm=rec["vs_best"]["p_holm"])
+                       p_value=vs["p_value"], p_holm=vs["p_holm"], wilcoxon_vs_best=vs["wilcoxon_status"],
+                       wilcoxon_p_value=vs["wilcoxon_p_value"], wilcoxon_p_holm=vs["wilcoxon_p_holm"])
             writer.writerow(["" if rec[c] is None else " ".join(map(str, rec[c])) if isinstance(rec[c], list)
                              else rec[c] for c in columns])
     return buf.getvalue().encode()
@@ -533,7 +552,13 @@ def render_markdown(board: Board, out_dir: Path, published: list[Published]) -> 
              "episodes ± half-width of the 95% Student-t interval; for several training seeds, of the per-episode "
              "values averaged over the seeds (`seeds` gives the standard deviation of the per-seed means). "
              f"`vs best`: paired t-test against the best row on the identical episodes, Holm-corrected across "
-             f"the rows of the section; `tied` means not significantly different at α = {ALPHA}. Times are per seed. "
+             f"the rows of the section; `tied` means not significantly different at α = {ALPHA}. "
+             "`rank test`: a Wilcoxon signed-rank test of the same pairs of episodes (Holm-corrected the same way), "
+             "shown only where it disagrees with the t-test: `worse (…); rank test: tied` means a few outlier "
+             "episodes drag the mean while the typical episode is alike; `tied (…); rank test: worse` (or `better`) "
+             "means most episodes differ in one direction but a few outlier episodes widen the t-test's interval or "
+             "pull the mean the other way (e.g. one diverging episode of huge error). The CSV and JSON give both "
+             "tests' p-values for every row. Times are per seed. "
              f"`median` and `worst` are the median and the worst test episode ({'lowest' if board.higher_is_better else 'highest'} {m}, "
              "with its index): a mean far from the median, or a worst episode far from the rest, is an outlier the "
              "mean and its interval average away.",

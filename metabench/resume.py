@@ -9,12 +9,18 @@ was taken in reaches its first remaining step. Evaluation keeps the episodes it 
 ``evaluation.pt`` beside the checkpoints, so an interrupted evaluation continues.
 
 Everything of one run lives in ``<out>/checkpoints/<run name>/``: ``run.pt`` (what defines the run,
-to refuse a resume of another), ``checkpoint-NNNNNN.pt`` (the newest two), ``evaluation.pt``.
-The folder is removed once the result is written.
+to refuse a resume of another), ``checkpoint-NNNNNN.pt`` (the newest two), ``evaluation.pt``, and
+``run.lock``, which the process running it holds (``flock``, exclusive) from the moment it opens the
+folder until it ends: a second process given the same run and ``--out`` at the same time is refused
+at once, touching nothing (:meth:`RunFolder.lock`). The lock dies with its process, so the file a
+killed run leaves behind blocks nothing. The folder is removed once the result is written.
 """
 from __future__ import annotations
 
 import copy
+import errno
+import fcntl
+import os
 import re
 import shutil
 import signal
@@ -32,6 +38,7 @@ from .learner import StepHooks, TrainContext
 
 RUN_FILE = "run.pt"
 EVAL_FILE = "evaluation.pt"
+LOCK_FILE = "run.lock"
 #: a checkpoint is never written sooner than this many times its last write's duration after it:
 #: writing then costs at most 1 / COST_FACTOR = 2% of the run
 COST_FACTOR = 50
@@ -63,7 +70,7 @@ class CheckpointInterval:
             seconds = float(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[m.group(2)]
             if seconds > 0:
                 return cls(None, seconds, raw)
-        elif raw.isdigit() and int(raw) > 0:
+        elif re.fullmatch(r"[0-9]{1,18}", raw) and int(raw) > 0:  # not "²" (a digit int() refuses) nor 5000 digits
             return cls(int(raw), None, raw)
         raise MetabenchError(f"--checkpoint-every {text!r}: accepted: a number of steps (100), a duration "
                              f"(30s, 10m, 2h) or off")
@@ -88,6 +95,79 @@ class RunFolder:
         self.path = self.root / name
         self.checkpoints = CheckpointFolder(self.path)
         self.started_as: str | None = None  # the run id in run.pt, once load_latest has read it
+        self._lock = None  # the open lock file while this process holds it (closing it releases the lock)
+        self._lock_created = False  # whether this process made the lock file (then it removes it)
+
+    @property
+    def locked(self) -> bool:
+        return self._lock is not None
+
+    def lock(self) -> None:
+        """Hold ``run.lock`` in the run's folder (made if need be) for as long as this process runs
+        the run; MetabenchError at once, touching nothing, when another process holds it.
+
+        The lock is ``flock(LOCK_EX | LOCK_NB)`` on the open file: the system drops it when the
+        process ends, however it ends, so a lock file left by a killed run does not block. After
+        locking, the file must still be the one at the path (a holder that finishes removes its
+        folder); otherwise the new file is locked instead. On a file system without ``flock`` the
+        run goes on unlocked."""
+        if self._lock is not None:
+            return
+        path = self.path / LOCK_FILE
+        for _ in range(100):  # each turn: another holder finished between our open and lock
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+                try:
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                    created = True
+                except FileExistsError:
+                    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                    created = False
+            except FileNotFoundError:
+                continue  # the folder or the file was removed meanwhile (a holder that finished): again
+            except OSError as exc:
+                self._remove_if_empty()
+                raise MetabenchError(f"cannot write {path}: {exc.strerror or exc}") from None
+            fh = os.fdopen(fd, "r+b")
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.close()
+                raise MetabenchError(f"{self.path}: another process is running this run (it holds {LOCK_FILE}); "
+                                     "wait for it to end, or give this one another --out") from None
+            except OSError as exc:
+                if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    fh.close()
+                    raise MetabenchError(f"cannot lock {path}: {exc.strerror or exc}") from None
+                # a file system without flock: run unlocked, as before there were locks
+            try:
+                mine = os.path.samestat(os.fstat(fh.fileno()), os.stat(path))
+            except FileNotFoundError:
+                mine = False
+            if mine:
+                self._lock, self._lock_created = fh, created
+                return
+            fh.close()  # locked a file its holder had just removed: lock the one at the path now
+        raise MetabenchError(f"cannot lock {path}: it keeps being removed (another process is starting and ending "
+                             "this run)")
+
+    def unlock(self) -> None:
+        """Release the lock (removing the lock file where this process made it) and remove the run's
+        folder, and ``<out>/checkpoints``, where they are left empty. A no-op when not locked."""
+        fh, self._lock = self._lock, None
+        if fh is None:
+            return
+        if self._lock_created:  # still locked: no other process can be using the file
+            (self.path / LOCK_FILE).unlink(missing_ok=True)
+        fh.close()
+        self._remove_if_empty()
+
+    def _remove_if_empty(self) -> None:
+        for folder in (self.path, self.root):
+            try:
+                folder.rmdir()  # only when empty
+            except OSError:
+                return
 
     def exists(self) -> bool:
         return (self.path / RUN_FILE).exists()

@@ -104,8 +104,10 @@ class RunControl:
     created: list[Path] = field(default_factory=list, init=False)
 
     def open(self, plan: "RunPlan") -> None:
-        """Find the run's checkpoint folder; on resume load what it continues from (refusing
-        another run's checkpoint or a damaged one), else refuse to overwrite an unfinished run's."""
+        """Find the run's checkpoint folder and lock it (a second process running the same run into
+        the same ``out_dir`` is refused at once); on resume load what it continues from (refusing
+        another run's checkpoint or a damaged one), else refuse to overwrite an unfinished run's.
+        The lock is held until :meth:`close` (:func:`finish`, or a failed :func:`execute`)."""
         if self.opened:
             return
         self.opened = True
@@ -116,12 +118,24 @@ class RunControl:
         self.created = [p for p in (self.out_dir, *self.out_dir.parents) if not p.exists()]
         self.folder = RunFolder(self.out_dir, run_folder_name(plan.protocol.name, r.learner, plan.backbone,
                                                               r.budget, r.seed))
-        if self.resume:
-            self.resume_doc = self.folder.load_latest(identity)
-            self.eval_doc = EvaluationProgress(self.folder, identity, self.checkpoint_every).load()
-            self.run_id = self.folder.started_as
-        else:
-            self.folder.check_fresh()
+        try:
+            if self.world.is_main:  # rank 0 alone writes the folder; it holds the lock for all ranks
+                self.folder.lock()
+            if self.resume:
+                self.resume_doc = self.folder.load_latest(identity)
+                self.eval_doc = EvaluationProgress(self.folder, identity, self.checkpoint_every).load()
+                self.run_id = self.folder.started_as
+            else:
+                self.folder.check_fresh()
+        except BaseException:
+            self.close()  # refused: nothing of this process is left (another's lock and files untouched)
+            self.remove_created()
+            raise
+
+    def close(self) -> None:
+        """Release the run folder's lock (removing the folder where it is left empty); idempotent."""
+        if self.folder is not None:
+            self.folder.unlock()
 
     def remove_created(self) -> None:
         """Remove the folders of ``out_dir`` this run created, where they are empty (a run that failed
@@ -340,13 +354,12 @@ def execute(plan: RunPlan | RunRequest, host: PluginHost, progress: Progress | N
     ``run``: what lifecycle hooks are told about this run; by default one with no output folder.
     ``control``: checkpoints, resume and the saved learner file (:class:`RunControl`); by default
     nothing is written. Once the caller has written the result, it calls :func:`finish` to remove
-    the run's checkpoints."""
+    the run's checkpoints and release its folder's lock (a failed run releases it here)."""
     if isinstance(plan, RunRequest):
         plan = prepare(plan, host)
     progress = progress or NoProgress()
     control = control or RunControl()
-    request, entry, protocol, source = plan.request, plan.learner, plan.protocol, plan.source
-    device, who = plan.device, plan.who
+    request, entry, protocol, who = plan.request, plan.learner, plan.protocol, plan.who
     run = run or RunInfo.start(request.learner, protocol.name, plan.backbone, request.seed, request.budget)
     commit = git_commit()  # the code that runs, read before the working tree can change under a long run
 
@@ -356,6 +369,19 @@ def execute(plan: RunPlan | RunRequest, host: PluginHost, progress: Progress | N
         raise MetabenchError(f"{who} cannot split its training steps across processes (it does not declare "
                              f"splits_meta_batch); run it without torchrun")
     control.open(plan)
+    try:
+        return _execute_opened(plan, host, progress, run, control, identity, commit)
+    except BaseException:
+        control.close()  # the run ends here: release its lock (what it saved is kept for --resume)
+        control.remove_created()
+        raise
+
+
+def _execute_opened(plan: RunPlan, host: PluginHost, progress, run: RunInfo, control: RunControl, identity: dict,
+                    commit: str | None) -> dict:
+    """:func:`execute` once ``control`` holds the run's folder."""
+    request, protocol, source = plan.request, plan.protocol, plan.source
+    device, who, world = plan.device, plan.who, control.world
     resume_doc = control.resume_doc
     folder = control.folder if world.is_main else None  # rank 0 alone writes
     eval_progress = EvaluationProgress(folder if not world.active else None, identity, control.checkpoint_every)
@@ -539,3 +565,4 @@ def finish(plan: RunPlan, control: RunControl) -> None:
     control.open(plan)
     if control.folder is not None:
         control.folder.remove()
+    control.close()

@@ -42,7 +42,12 @@ def summarize(values: Sequence[float]) -> Summary:
 
 @dataclass(frozen=True)
 class PairedComparison:
-    """A - B on identical episodes: mean difference, paired t-test and Wilcoxon signed-rank test."""
+    """A - B on identical episodes: mean difference, paired t-test and Wilcoxon signed-rank test.
+
+    ``wilcoxon_direction``: the side the signed ranks lean to, the sign of W+ - W- of the non-zero
+    differences A - B (+1: A tends to be larger, -1: smaller, 0: balanced); a two-sided p-value
+    alone does not say which.
+    """
 
     n: int
     mean_a: float
@@ -53,6 +58,7 @@ class PairedComparison:
     t_pvalue: float
     wilcoxon_statistic: float | None
     wilcoxon_pvalue: float
+    wilcoxon_direction: int = 0
 
 
 def paired_compare(a: Sequence[float], b: Sequence[float]) -> PairedComparison:
@@ -76,5 +82,8 @@ def paired_compare(a: Sequence[float], b: Sequence[float]) -> PairedComparison:
         t = _st.ttest_rel(a, b)
         t_stat, t_p = float(t.statistic), float(t.pvalue)
     w = _st.wilcoxon(a, b, zero_method="wilcox")
+    nonzero = [d for d in diffs if d != 0]
+    ranks = _st.rankdata([abs(d) for d in nonzero])
+    lean = math.fsum(r if d > 0 else -r for d, r in zip(nonzero, ranks))  # W+ - W-
     return PairedComparison(len(a), mean_a, mean_b, summary.mean, summary.ci95,
-                            t_stat, t_p, float(w.statistic), float(w.pvalue))
+                            t_stat, t_p, float(w.statistic), float(w.pvalue), (lean > 0) - (lean < 0))

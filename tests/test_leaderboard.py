@@ -173,6 +173,19 @@ def test_paired_tests_are_holm_corrected_and_ties_marked(lb):
     assert got["near"]["vs_best"]["status"] == got["nearer"]["vs_best"]["status"] == "tied"
     md = (out / "kanji-5w1s.md").read_text()
     assert md.count("| tied (Holm p = ") == 2 and md.count("| worse (Holm p = ") == 1
+    # the rank test beside it: scipy's Wilcoxon p-values of the same pairs, Holm-corrected on their own
+    w_raw = {name: float(st.wilcoxon(v, best).pvalue) for name, v in values.items()}
+    w_holm = dict(zip(w_raw, holm(list(w_raw.values()))))
+    for name in targets:
+        assert got[name]["vs_best"]["wilcoxon_p_value"] == pytest.approx(w_raw[name], rel=1e-5)
+        assert got[name]["vs_best"]["wilcoxon_p_holm"] == pytest.approx(w_holm[name], rel=1e-5)
+        assert got[name]["vs_best"]["wilcoxon_status"] == ("tied" if w_holm[name] >= 0.05 else "worse")
+    assert got["best"]["vs_best"]["wilcoxon_p_value"] is None and got["best"]["vs_best"]["wilcoxon_status"] is None
+    table = {r["learner"]: r for r in csv_rows(out, "kanji-5w1s")}
+    assert list(table["far"])[-5:] == ["p_holm", "wilcoxon_vs_best", "wilcoxon_p_value", "wilcoxon_p_holm",
+                                       "results"]
+    assert float(table["far"]["wilcoxon_p_value"]) == pytest.approx(w_raw["far"], rel=1e-5)
+    assert table["best"]["wilcoxon_p_value"] == table["best"]["wilcoxon_vs_best"] == ""
 
 
 def test_multi_seed_row_and_unpaired_episode_set(lb):
@@ -513,3 +526,58 @@ def test_each_row_shows_its_median_and_worst_episode_so_an_outlier_is_seen(lb):
     assert "| 0.3000 | 2000 (#17) |" in anil
     (row,) = [r for r in rows(out, "sinusoid-10s") if r["learner"] == "anil"]
     assert row["median"] == 0.3 and row["worst"] == 2000.0 and row["worst_episode"] == 17
+
+
+def test_a_row_says_where_the_rank_test_disagrees_with_the_t_test(lb):
+    """Per-episode values built so that the paired t-test and the Wilcoxon signed-rank test disagree at
+    alpha = 0.05, one section (budget) per case; each row says so, and a row where they agree does not."""
+    out, results = lb
+    n = 40
+    best = [0.5 + 0.1 * ((i * 7) % n) / n for i in range(n)]
+    noise = [0.01 * ((i * 5) % 7 - 3) for i in range(n)]
+    mean_noise = math.fsum(noise) / n
+    noise = [e - mean_noise for e in noise]  # zero mean, symmetric enough that the ranks balance
+    # t: worse, ranks: tied: six episodes far worse drag the mean; the other 34 are alike
+    dragged = [b + e for b, e in zip(best, noise)]
+    for j in range(6):
+        dragged[3 + 5 * j] += 0.5
+    # t: tied, ranks: worse: every episode a little worse, one far worse widens the t interval (anil's case)
+    shifted = [b + 0.02 + 0.2 * e for b, e in zip(best, noise)]
+    shifted[17] += 3.0
+    # t: tied, ranks: better: 39 episodes better, one diverging episode makes the mean worse
+    hidden = [b - 0.05 + 0.2 * e for b, e in zip(best, noise)]
+    hidden[17] += 10.0
+    cases = {"paper": ("dragged", dragged), "quick": ("shifted", shifted), "smoke": ("hidden", hidden)}
+    kw = dict(task="sinusoid-10s", metric="mse", higher=False)
+    for budget, (name, values) in cases.items():
+        write_result(make_doc(best, learner="best", budget=budget, **kw), results)
+        write_result(make_doc(values, learner=name, budget=budget, **kw), results)
+    write_result(make_doc([b + 1.0 for b in best], learner="agreed", budget="paper", **kw), results)
+    build([results], out)
+
+    got = {r["learner"]: r["vs_best"] for s in board(out, "sinusoid-10s")["sections"] for r in s["rows"]}
+    expected = {"dragged": ("worse", "tied"), "shifted": ("tied", "worse"), "hidden": ("tied", "better"),
+                "agreed": ("worse", "worse")}
+    for name, (t_status, w_status) in expected.items():
+        assert (got[name]["status"], got[name]["wilcoxon_status"]) == (t_status, w_status), name
+        values = {"dragged": dragged, "shifted": shifted, "hidden": hidden}.get(name)
+        if values is not None:  # Holm leaves the raw p-values: alone in its section, or (paper) beside
+            # a row whose p-values are the smaller ones
+            assert got[name]["p_holm"] == pytest.approx(st.ttest_rel(values, best).pvalue, rel=1e-5)
+            assert got[name]["wilcoxon_p_holm"] == pytest.approx(st.wilcoxon(values, best).pvalue, rel=1e-5)
+    md = (out / "sinusoid-10s.md").read_text()
+    cell = {name: next(line for line in md.splitlines() if line.startswith("| ") and f"| {name} |" in line)
+            for name in expected}
+    t_part = "(Holm p = {:.3g})"
+    for name, (t_status, w_status) in expected.items():
+        t_text = f"{t_status} {t_part.format(got[name]['p_holm'])}"
+        if t_status == w_status:
+            assert f"| {t_text} |" in cell[name] and "rank test" not in cell[name]
+        else:
+            assert f"| {t_text}; rank test: {w_status} {t_part.format(got[name]['wilcoxon_p_holm'])} |" in cell[name]
+    assert "`rank test`: a Wilcoxon signed-rank test" in md and "outlier episodes drag the mean" in md
+    assert "`tied (…); rank test: worse` (or `better`)" in md
+    table = {(r["budget"], r["learner"]): r for r in csv_rows(out, "sinusoid-10s")}
+    assert table[("smoke", "hidden")]["wilcoxon_vs_best"] == "better"
+    assert table[("paper", "dragged")]["vs_best"] == "worse" and table[("paper", "dragged")]["wilcoxon_vs_best"] == "tied"
+    assert check([results], out) == []

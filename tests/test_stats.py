@@ -38,6 +38,17 @@ def test_paired_tests_match_scipy():
     assert (c.t_statistic, c.t_pvalue) == pytest.approx((t.statistic, t.pvalue))
     assert (c.wilcoxon_statistic, c.wilcoxon_pvalue) == pytest.approx((w.statistic, w.pvalue))
     assert c.mean_diff == pytest.approx(np.mean(a) - np.mean(b))
+    greater = st.wilcoxon(a, b, alternative="greater").pvalue  # the side the signed ranks lean to
+    assert c.wilcoxon_direction == (1 if greater < 0.5 else -1)
+    assert paired_compare(b, a).wilcoxon_direction == -c.wilcoxon_direction
+
+
+def test_wilcoxon_direction_follows_most_episodes_not_the_mean():
+    b = [0.5] * 10
+    a = [0.45] * 9 + [5.0]  # nine episodes lower, one far higher: the mean is higher
+    c = paired_compare(a, b)
+    assert c.mean_diff > 0 and c.wilcoxon_direction == -1
+    assert paired_compare([0.5, 0.6, 0.7], [0.5, 0.6, 0.7]).wilcoxon_direction == 0
 
 
 def test_identical_results_give_no_evidence_and_constant_shift_is_certain():
