@@ -19,9 +19,9 @@ from . import __version__
 from .cli_leaderboard import add_parsers as add_leaderboard_parsers, cmd_leaderboard, cmd_publish
 from .config import RUN_KEYS, parse_set, read_toml
 from .errors import MetabenchError, PluginError
-from .settings import BUDGETS
+from .settings import BUDGETS, DEFAULT_TASK
 
-DEFAULTS = {"task": "kanji-5w1s", "backbone": None, "seed": 0, "budget": "quick", "episodes": None,
+DEFAULTS = {"task": DEFAULT_TASK, "backbone": None, "seed": 0, "budget": "quick", "episodes": None,
             "device": "cpu", "out": "metabench-results", "checkpoint_every": "5m"}
 
 out = Console(highlight=False)

@@ -29,7 +29,7 @@ from .results import SCHEMA_VERSION
 from .checkpoint import set_rng_state
 from .distributed import SINGLE, World, average_gradients, broadcast_state
 from .resume import CheckpointInterval, EvaluationProgress, RunFolder, RunInterrupted, TrainingState, run_folder_name
-from .settings import BUDGETS, check_settings
+from .settings import BUDGETS, DEFAULT_TASK, check_settings
 from .stats import summarize
 from .task import Protocol
 from .validation import ValidationSettings, Validator
@@ -63,7 +63,7 @@ class RunRequest:
     """Everything that defines a run. ``learner_layers``: (source, overrides) applied in order."""
 
     learner: str
-    task: str = "kanji-5w1s"
+    task: str = DEFAULT_TASK
     backbone: str | None = None
     seed: int = 0
     budget: str = "quick"

@@ -216,7 +216,7 @@ def test_corrupt_cache_is_detected_and_rerendered(rendered, monkeypatch, damage)
 
     renders = []
 
-    def fake_render(progress=None, workers=1):
+    def fake_render(progress=None, workers=1, style=K.KANJI):
         renders.append(1)
         return full.copy()
 
@@ -236,7 +236,7 @@ def test_render_mismatch_is_an_error_and_not_cached(rendered, tmp_path, monkeypa
     monkeypatch.setenv("METABENCH_CACHE", str(tmp_path))
     bad = full.copy()
     bad[0, 0, 0, 0] ^= 1
-    monkeypatch.setattr(K, "render_all", lambda progress=None, workers=1: bad)
+    monkeypatch.setattr(K, "render_all", lambda progress=None, workers=1, style=K.KANJI: bad)
     with pytest.raises(RuntimeError, match="bit-identical"):
         K.load_split("train")
     assert list(tmp_path.iterdir()) == []

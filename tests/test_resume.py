@@ -38,8 +38,8 @@ SHORT = {
 
 
 def args(learner: str, out: Path, *extra: str) -> list[str]:
-    return ["run", "--learner", learner, "--budget", "smoke", "--episodes", "6", "--checkpoint-every", "2",
-            "--out", str(out), *SHORT[learner], *extra]
+    return ["run", "--learner", learner, "--task", "kanji-5w1s", "--budget", "smoke", "--episodes", "6",
+            "--checkpoint-every", "2", "--out", str(out), *SHORT[learner], *extra]
 
 
 def env(fault: str | None = None) -> dict:

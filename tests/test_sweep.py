@@ -85,7 +85,7 @@ def test_an_interrupted_cell_resumes_from_its_checkpoint(capsys, tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1", METABENCH_FAULT="kill@meta-train:4")
     killed = subprocess.run([sys.executable, "-m", "metabench", "run", "--learner", "protonet", "--budget", "smoke",
-                             "--episodes", "2", "--checkpoint-every", "2", "--out", str(out / "kanji-5w1s")],
+                             "--episodes", "2", "--checkpoint-every", "2", "--task", "kanji-5w1s", "--out", str(out / "kanji-5w1s")],
                             env=env, capture_output=True, timeout=300)
     assert killed.returncode < 0
     grid = write_grid(tmp_path, 'learners = ["protonet"]\ntasks = ["kanji-5w1s"]\nbudgets = ["smoke"]\nepisodes = 2')
