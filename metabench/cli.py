@@ -158,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        _keep_plugin_index()
+        return code
     except MetabenchError as exc:  # exit 2: bad input; PluginError, exit 1: a plugin failed (metabench/errors.py)
         err.print(f"metabench: error: {exc}", markup=False, soft_wrap=True)
         if isinstance(exc, PluginError) and exc.__cause__ is not None:  # a plugin's own code raised
@@ -178,13 +180,32 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _host():
-    from .plugins import get_host
+    from .plugin_index import load_host
 
-    host = get_host()
+    host = load_host()
     host.forget_task_files()  # one command reads a task file's folder once, and afresh
     for line in host.errors:
-        err.print(f"metabench: warning: {line}", markup=False, soft_wrap=True)
+        _warn(line)
     return host
+
+
+def _warn(line: str) -> None:
+    err.print(f"metabench: warning: {line}", markup=False, soft_wrap=True)
+
+
+def _check_names(*lookups: tuple[str, object]) -> None:
+    """Refuse an unknown learner, task, backbone or launcher name before anything heavy is imported:
+    from the plugin index where it is fresh, else from the loaded plugins (metabench/plugin_index.py)."""
+    from .plugin_index import check_names
+
+    check_names(lookups, _warn)
+
+
+def _keep_plugin_index() -> None:
+    """After a command that succeeded: write the plugin index if this command loaded the plugins."""
+    from .plugin_index import write_pending
+
+    write_pending()
 
 
 class RichProgress:
@@ -229,12 +250,7 @@ BAR_COLUMNS = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteCo
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .lifecycle import RunInfo
     from .malloc import tune_glibc_malloc
-    from .results import write_result
-    from .resume import CheckpointInterval
-    from .distributed import init_world, shutdown
-    from .runner import RunControl, RunRequest, execute, finish, prepare
 
     tune_glibc_malloc()  # freed blocks stay in the heap, no page faults for them again (metabench/malloc.py)
 
@@ -256,6 +272,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     for key, value in (("every", args.validate_every), ("episodes", args.validation_episodes)):
         if value is not None:
             validation = {**(validation or {}), key: value}
+    _check_names(("learner", args.learner), ("task", opts["task"]), ("backbone", opts["backbone"]))
+    from .lifecycle import RunInfo
+    from .results import write_result
+    from .resume import CheckpointInterval
+    from .distributed import init_world, shutdown
+    from .runner import RunControl, RunRequest, execute, finish, prepare
+
     world = init_world(str(opts["device"]))  # torchrun: join its process group (one process: nothing to do)
     try:
         device = opts["device"]
@@ -339,6 +362,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     out_dir = Path(args.out or grid.out or DEFAULTS["out"])
     if out_dir.exists() and not out_dir.is_dir():
         raise MetabenchError(f"--out {out_dir}: exists and is not a folder")
+    cell_names = [lookup for cell in grid.cells for lookup in (("learner", cell.learner), ("task", cell.task))]
+    _check_names(*cell_names, ("launcher", name))
     host = _host()
     from .sweep import check_cells
 
@@ -358,12 +383,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .cross_task import evaluate_saved
-    from .results import write_result
-
     out_dir = Path(args.out or DEFAULTS["out"])
     if out_dir.exists() and not out_dir.is_dir():
         raise MetabenchError(f"--out {out_dir}: exists and is not a folder")
+    _check_names(("task", args.task))
+    from .cross_task import evaluate_saved
+    from .results import write_result
+
     host = _host()
     with progress_bars(*BAR_COLUMNS) as bars:
         doc = evaluate_saved(args.learner_file, host, args.task, args.episodes, args.device or "cpu",
@@ -419,38 +445,36 @@ def short_reference(text: str) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    host = _host()
+    from .plugin_index import describe, fresh_index
+
+    index = fresh_index()  # what the plugins registered, without loading them (metabench/plugin_index.py)
+    if index is not None:
+        for line in index.warnings:
+            _warn(line)
+    rows = index.listing if index is not None else describe(_host())
     kinds = [args.kind] if args.kind else ["learners", "tasks", "backbones", "launchers"]
     if "learners" in kinds:
         table = make_table("learners (transd.: transductive; --long: full references)", "name", "plugin",
                            "problems", "transd.", "backbone", "reference")
-        for e in host.learners:
-            c = e.obj
-            problems = ", ".join({"classification": "class.", "regression": "regr."}.get(p, p)
-                                 for p in sorted(c.problem_types))
-            table.add_row(e.name, e.plugin, problems, "yes" if c.transductive else "no", c.default_backbone,
-                          c.reference if args.long else short_reference(c.reference))
+        for r in rows["learners"]:
+            table.add_row(r["name"], r["plugin"], r["problems"], r["transductive"], r["backbone"],
+                          r["reference"] if args.long else short_reference(r["reference"]))
         out.print(table)
     if "tasks" in kinds:
         table = make_table("tasks (metric ↑ higher is better, ↓ lower)", "name", "v", "episode", "episodes", "input",
                            "metric")
-        for e in host.tasks:
-            p = e.obj
-            shape = (f"{p.ways}w {p.shots}s {p.queries}q" if p.problem == "classification"
-                     else f"{p.shots} shots, {p.queries} queries")
-            size = f"{p.channels}x{p.image_size}px" if p.problem == "classification" else "-"
-            metric = p.metric + (" ↑" if p.higher_is_better else " ↓")
-            table.add_row(p.name, str(p.version), shape, str(p.episodes), size, metric)
+        for r in rows["tasks"]:
+            table.add_row(r["name"], r["version"], r["episode"], r["episodes"], r["input"], r["metric"])
         out.print(table)
     if "backbones" in kinds:
         table = make_table("backbones", "name", "plugin", "description")
-        for e in host.backbones:
-            table.add_row(e.name, e.plugin, (e.obj.__doc__ or "").strip().splitlines()[0] if e.obj.__doc__ else "")
+        for r in rows["backbones"]:
+            table.add_row(r["name"], r["plugin"], r["description"])
         out.print(table)
     if "launchers" in kinds:
         table = make_table("sweep launchers", "name", "plugin", "options")
-        for e in host.launchers:
-            table.add_row(e.name, e.plugin, ", ".join(sorted(e.obj.options)))
+        for r in rows["launchers"]:
+            table.add_row(r["name"], r["plugin"], r["options"])
         out.print(table)
     return 0
 
@@ -467,6 +491,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_episodes(args: argparse.Namespace) -> int:
+    _check_names(("task", args.task))
     from .episodes import episodes_sha256, eval_draws
 
     host = _host()
@@ -513,6 +538,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    _check_names(("task", args.task))
     host = _host()
     protocol, source, plugin = host.task(args.task)
     source.set_roots(data_roots(args, read_toml(args.config) if args.config else None))

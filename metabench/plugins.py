@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
 import re
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -27,11 +26,10 @@ from .errors import MetabenchError, PluginError
 from .learner import Learner
 from .settings import BUDGETS
 from .lifecycle import RunInfo
+from .plugin_index import ALLOW_ENV, ENTRY_POINT_GROUP, allow_list_from_env  # noqa: F401  (torch-free there)
 from .registry import Entry, Registry
 from .task import _NAME_RE as _TASK_NAME, PROBLEM_TYPES, DataSource, Protocol
 
-ENTRY_POINT_GROUP = "metabench"
-ALLOW_ENV = "METABENCH_PLUGINS"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_+.-]*$")
 _BACKBONE_NAME = re.compile(r"^[a-z0-9][a-z0-9_+.-]*(:\*)?$")  # "family:*" registers a family
 _DATASET = re.compile(r"^[a-z0-9][a-z0-9_]*$")
@@ -70,13 +68,6 @@ class PluginInfo:
 def discover(group: str = ENTRY_POINT_GROUP) -> list[PluginSource]:
     """Every installed plugin of ``group``, sorted by name."""
     return sorted((PluginSource.from_entry_point(ep) for ep in metadata.entry_points(group=group)), key=lambda s: s.name)
-
-
-def allow_list_from_env() -> list[str] | None:
-    """Names in $METABENCH_PLUGINS (comma-separated), or None when unset or blank."""
-    raw = os.environ.get(ALLOW_ENV, "")
-    names = [n.strip() for n in raw.split(",") if n.strip()]
-    return names or None
 
 
 class PluginHost:
