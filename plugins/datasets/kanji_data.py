@@ -42,10 +42,8 @@ import hashlib
 import importlib.metadata
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -57,6 +55,7 @@ import numpy as np
 import torch
 
 from metabench.cache import cache_dir
+from metabench.files import write_atomic
 from metabench.rng import SplitMix64  # the same generator the episodes use
 
 IMAGE_SIZE = 28
@@ -538,17 +537,8 @@ def _open_cached(path: Path, style: RenderStyle = KANJI) -> np.ndarray | None:
 
 
 def _write_atomic(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array, allow_pickle=False)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Temp file, fsync, rename (metabench.files): a full disk or read-only cache folder is one line."""
+    write_atomic(path, lambda handle: np.save(handle, array, allow_pickle=False))
 
 
 def load_all(progress: Callable[[int, int], None] | None = None, style: RenderStyle = KANJI) -> np.ndarray:
