@@ -56,7 +56,16 @@ def data_roots(args: argparse.Namespace, toml: dict | None = None):
         per[name] = folder
     elif value:
         root = value
-    return DataRoots.from_settings(root, per)
+    try:
+        return DataRoots.from_settings(root, per)
+    except RuntimeError as exc:  # a folder ~name/... of no such user (Path.expanduser)
+        raise MetabenchError(f"data folder: {exc} ({', '.join(map(str, [root, *per.values()]))}); "
+                             "give an existing folder") from None
+
+
+def one_line(text: str) -> str:
+    """``text`` with its line breaks (a path or value given with one) written as ``\\n``: an error is one line."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -65,7 +74,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         command = self.prog.removeprefix("metabench").strip()
-        self.exit(2, f"metabench: error: {command + ': ' if command else ''}{message} "
+        self.exit(2, f"metabench: error: {command + ': ' if command else ''}{one_line(message)} "
                      f"(see `{self.prog} --help`)\n")
 
 
@@ -155,14 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command ``argv`` (default ``sys.argv[1:]``) and return its exit status (never raises SystemExit)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0), or a usage error already printed as one line (2)
+        return exc.code or 0
     try:
         code = COMMANDS[args.command](args)
         _keep_plugin_index()
         return code
     except MetabenchError as exc:  # exit 2: bad input; PluginError, exit 1: a plugin failed (metabench/errors.py)
-        err.print(f"metabench: error: {exc}", markup=False, soft_wrap=True)
+        err.print(f"metabench: error: {one_line(str(exc))}", markup=False, soft_wrap=True)
         if isinstance(exc, PluginError) and exc.__cause__ is not None:  # a plugin's own code raised
             if os.environ.get("METABENCH_DEBUG"):
                 raise
@@ -326,7 +339,7 @@ def _launcher_option(text: str):
         raise MetabenchError(f"--option {text!r}: expected KEY=VALUE (e.g. --option workers=2)")
     try:
         parsed = tomllib.loads(f"v = {value.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):  # nested too deeply for the TOML parser: text too
         parsed = value.strip()
     return key.strip(), parsed
 
@@ -518,6 +531,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if ta["episodes_sha256"] != tb["episodes_sha256"]:
         raise MetabenchError(f"cannot pair results on different episode sets ({ta['episodes']} episodes "
                              f"{ta['episodes_sha256'][:12]}… vs {tb['episodes']} episodes {tb['episodes_sha256'][:12]}…)")
+    if len(a["per_episode"]) != len(b["per_episode"]):  # one hash, two lengths: a file was edited
+        raise MetabenchError(f"cannot pair results of {len(a['per_episode'])} and {len(b['per_episode'])} episodes "
+                             f"with the same episode hash {ta['episodes_sha256'][:12]}…: one of them was edited")
     if len(a["per_episode"]) < 2:
         raise MetabenchError(f"cannot pair results of {len(a['per_episode'])} episode: the paired tests need at "
                              "least 2 episodes")
@@ -570,6 +586,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from .results import load_result
 
     result_path = Path(args.result)
+    if not result_path.name:  # "", "." or "/": no file name to put the plot's beside
+        raise MetabenchError(f"{args.result!r}: not a result file; expected RESULT.json")
     target = Path(args.out) if args.out else result_path.with_name(result_path.stem + ".curve.png")
     fmt = target.suffix.lower().removeprefix(".")
     if fmt not in PLOT_FORMATS:

@@ -16,6 +16,8 @@ TOML layout::
 from __future__ import annotations
 
 import dataclasses
+import math
+import sys
 from collections.abc import Mapping
 import tomllib
 import typing
@@ -39,7 +41,7 @@ def read_toml(path: str | Path) -> dict[str, dict[str, Any]]:
         raise MetabenchError(f"--config {path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise MetabenchError(f"--config {path}: cannot read: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (ValueError, RecursionError) as exc:  # TOMLDecodeError, a number of over 4300 digits, nested too deeply
         raise MetabenchError(f"--config {path}: invalid TOML: {exc}") from None
     unknown = [k for k in doc if k not in _TOP_KEYS]
     if unknown:
@@ -57,6 +59,8 @@ def read_toml(path: str | Path) -> dict[str, dict[str, Any]]:
         if not isinstance(value, kinds) or isinstance(value, bool):
             accepted = " or ".join({int: "an integer", str: "text"}[k] for k in kinds)
             raise MetabenchError(f"--config {path}: [run] {key} must be {accepted}, got {value!r}")
+        if isinstance(value, str) and "\x00" in value:  # no name or path holds one (a command-line value cannot)
+            raise MetabenchError(f"--config {path}: [run] {key} must be text without a NUL character, got {value!r}")
     return doc
 
 
@@ -81,7 +85,8 @@ def _field_types(config_cls: type) -> dict[str, Any]:
 
 
 def coerce(value: Any, kind: Any, what: str) -> Any:
-    """``value`` (text from --set, or a TOML value) as ``kind`` (bool, int, float or str)."""
+    """``value`` (text from --set, or a TOML value) as ``kind`` (bool, int, float or str); a float must be
+    finite (the result file records every setting, and JSON holds no NaN or infinity)."""
     if isinstance(value, str) and kind is not str:
         text = value.strip().lower()
         if kind is bool:
@@ -91,13 +96,17 @@ def coerce(value: Any, kind: Any, what: str) -> Any:
                 return False
             raise MetabenchError(f"{what}: expected true or false, got {value!r}")
         try:
-            return int(text) if kind is int else float(text) if kind is float else value
+            value = int(text) if kind is int else float(text) if kind is float else value
         except ValueError:
             raise MetabenchError(f"{what}: expected {kind.__name__}, got {value!r}") from None
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > sys.float_info.max:
+            raise MetabenchError(f"{what}: expected float, got an integer too large for a float")
+        value = float(value)
     if kind in (bool, int, float, str) and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
         raise MetabenchError(f"{what}: expected {kind.__name__}, got {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise MetabenchError(f"{what}: expected a finite float, got {value!r}")
     return value
 
 

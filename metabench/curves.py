@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ PLOT_FORMATS = ("png", "svg")
 #: Keys every curve line has; any other key is a metric.
 FIXED_KEYS = ("phase", "step", "total", "seconds")
 _FIRST_METRICS = ("loss", "acc")  # drawn first, in this order; other metrics follow by name
+_DRAWABLE = 1e300  # larger values are drawn as gaps
 
 
 def curve_path_for(result_path: str | Path) -> Path:
@@ -44,15 +46,17 @@ class CurvePoint:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite number a float holds (not a bool; not NaN, an infinity or an integer too large for a float)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= sys.float_info.max
 
 
 def parse_curve_line(line: str, where: str) -> CurvePoint:
     """One curve line as a CurvePoint; MetabenchError naming ``where`` (file and line) if malformed."""
     try:
         obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise MetabenchError(f"{where}: not valid JSON ({exc.msg}); each line must be one JSON object "
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, a number of over 4300 digits, nested too deeply
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else exc
+        raise MetabenchError(f"{where}: not valid JSON ({reason}); each line must be one JSON object "
                              "like {\"phase\": \"meta-train\", \"step\": 1, \"total\": 10, \"seconds\": 0.1, "
                              "\"loss\": 0.7}") from None
     if not isinstance(obj, dict):
@@ -61,12 +65,12 @@ def parse_curve_line(line: str, where: str) -> CurvePoint:
     if not isinstance(obj.get("phase"), str):
         problems.append("phase must be text")
     for key in ("step", "total"):
-        if not (isinstance(obj.get(key), int) and not isinstance(obj.get(key), bool)):
-            problems.append(f"{key} must be an integer")
+        if not (isinstance(obj.get(key), int) and not isinstance(obj.get(key), bool) and abs(obj[key]) < 2**63):
+            problems.append(f"{key} must be an integer (64-bit)")
     if not _is_number(obj.get("seconds")):
-        problems.append("seconds must be a number")
+        problems.append("seconds must be a finite number")
     metrics = {k: v for k, v in obj.items() if k not in FIXED_KEYS}
-    bad = [k for k, v in metrics.items() if v is not None and not (_is_number(v) and math.isfinite(v))]
+    bad = [k for k, v in metrics.items() if v is not None and not _is_number(v)]
     if bad:
         problems.append(f"metric(s) {', '.join(bad)} must be numbers or null")
     if problems:
@@ -116,7 +120,9 @@ def render_curve(points: list[CurvePoint], fmt: str, title: str) -> bytes:
             for i, phase in enumerate(phases):
                 xy = [(p.step, p.metrics.get(name)) for p in points if p.phase == phase]
                 xs = [x for x, _ in xy]
-                ys = [math.nan if y is None else y for _, y in xy]  # a gap where the value was not finite
+                # a gap where the value was not finite, or too large for the axes (their arithmetic overflows
+                # near the largest float)
+                ys = [math.nan if y is None or abs(y) > _DRAWABLE else y for _, y in xy]
                 if any(not math.isnan(y) for y in ys):
                     ax.plot(xs, ys, color=f"C{i}", linewidth=1.0, marker="o" if len(xs) < 30 else None,
                             markersize=3, label=phase)

@@ -155,6 +155,8 @@ def load_result(path: str | Path) -> dict:
         raise MetabenchError(f"{path}: cannot read: {exc}") from None
     except json.JSONDecodeError as exc:
         raise MetabenchError(f"{path}: not a metabench result (invalid JSON: {exc.msg} at line {exc.lineno})") from None
+    except ValueError as exc:  # a number of over 4300 digits
+        raise MetabenchError(f"{path}: not a metabench result (invalid JSON: {exc})") from None
     except RecursionError:
         raise MetabenchError(f"{path}: not a metabench result (JSON nested too deeply)") from None
     problems = schema_problems(doc)
@@ -171,7 +173,8 @@ def result_filename(doc: dict) -> str:
     trained = (doc.get("trained_on") or {}).get("task")
     if trained and trained != doc["task"]["name"]:  # a saved learner tested on another task
         parts.insert(2, f"from-{trained}")
-    stamp = doc.get("created_utc", "").replace(":", "").replace("-", "")
+    created = doc.get("created_utc")  # optional: a file without it (or with another value) gets no time stamp
+    stamp = created.replace(":", "").replace("-", "") if isinstance(created, str) else ""
     return "__".join(p.replace("/", "_").replace(":", "_") for p in parts + ([stamp] if stamp else [])) + ".json"
 
 

@@ -174,7 +174,7 @@ def read_grid(path: str | Path) -> Grid:
         raise MetabenchError(f"{path}: no such grid file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise MetabenchError(f"{path}: cannot read: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (ValueError, RecursionError) as exc:  # TOMLDecodeError, a number of over 4300 digits, nested too deeply
         raise MetabenchError(f"{path}: invalid TOML: {exc}") from None
     unknown = sorted(set(doc) - {"grid", "launcher"})
     tables = doc.get("grid")

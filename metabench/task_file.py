@@ -85,14 +85,16 @@ def read_task_file(path: str | Path) -> TaskSpec:
     path = Path(path)
     where = str(path)
     try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise MetabenchError(f"{where}: no such task file") from None
     except IsADirectoryError:
         raise MetabenchError(f"{where}: is a folder; expected a task file (.toml)") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8, or a NUL in the path
         raise MetabenchError(f"{where}: cannot read: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
+    try:
+        doc = tomllib.loads(text)
+    except (ValueError, RecursionError) as exc:  # TOMLDecodeError, a number of over 4300 digits, nested too deeply
         raise MetabenchError(f"{where}: invalid TOML: {exc}") from None
     if set(doc) != {"task"} or not isinstance(doc["task"], dict):
         raise MetabenchError(f"{where}: a task file holds one [task] table; found "
@@ -108,7 +110,7 @@ def read_task_file(path: str | Path) -> TaskSpec:
     if not isinstance(table.get("folder"), str) or not table["folder"]:
         raise MetabenchError(f"{where}: [task] needs folder = \"<path to the images>\"")
     layout = table.get("layout", "splits")
-    if layout not in LAYOUTS:
+    if not isinstance(layout, str) or layout not in LAYOUTS:
         raise MetabenchError(f"{where}: [task] layout {layout!r}; accepted: {', '.join(LAYOUTS)}")
     split_file = table.get("split_file")
     if layout == "classes" and not isinstance(split_file, str):
@@ -124,7 +126,11 @@ def read_task_file(path: str | Path) -> TaskSpec:
     if channels not in (1, 3):
         raise MetabenchError(f"{where}: [task] channels must be 1 or 3, got {channels}")
     base = path.parent
-    folder = Path(table["folder"]).expanduser()
+    try:
+        folder = Path(table["folder"]).expanduser()
+    except RuntimeError:  # ~name of no such user
+        raise MetabenchError(f"{where}: [task] folder {table['folder']!r}: no home folder for "
+                             f"{table['folder'].split('/')[0]!r}; give an existing folder") from None
     return TaskSpec(path, name, folder if folder.is_absolute() else base / folder, layout,
                     (base / split_file) if isinstance(split_file, str) else None, channels,
                     _positive(table, "image_size", where, 84, minimum=8), _positive(table, "ways", where),
@@ -163,7 +169,7 @@ class TaskFileSource(FolderImageSource):
             return json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
         except FileNotFoundError:
             raise self.error(f"{what} {path} does not exist") from None
-        except (OSError, ValueError, tomllib.TOMLDecodeError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # ValueError: TOMLDecodeError and JSONDecodeError too
             raise self.error(f"{what} {path} is not valid JSON/TOML: {str(exc)[:120]}") from None
 
     def split_classes(self, split: str) -> list[str]:
