@@ -56,11 +56,7 @@ def data_roots(args: argparse.Namespace, toml: dict | None = None):
         per[name] = folder
     elif value:
         root = value
-    try:
-        return DataRoots.from_settings(root, per)
-    except RuntimeError as exc:  # a folder ~name/... of no such user (Path.expanduser)
-        raise MetabenchError(f"data folder: {exc} ({', '.join(map(str, [root, *per.values()]))}); "
-                             "give an existing folder") from None
+    return DataRoots.from_settings(root, per)  # a ~name of no such user: MetabenchError naming it
 
 
 def one_line(text: str) -> str:

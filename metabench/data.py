@@ -46,6 +46,14 @@ from .task import ClassImageSource
 DATA_ENV = "METABENCH_DATA"
 
 
+def _folder(value: str, where: str) -> Path:
+    """``value`` with ``~`` expanded; a ``~name`` of no such user is one line naming ``where``."""
+    try:
+        return Path(value).expanduser()
+    except RuntimeError as exc:  # Path.expanduser: no home folder for ~name
+        raise MetabenchError(f"{where}: data folder {value!r}: {exc}; give an existing folder") from None
+
+
 @dataclass
 class DataRoots:
     """Where to find data sets: one general root and per-data-set folders."""
@@ -56,9 +64,16 @@ class DataRoots:
     @classmethod
     def from_settings(cls, root: str | None = None, per_dataset: dict[str, str] | None = None) -> "DataRoots":
         """Build from ``--data-root`` / config values, falling back to $METABENCH_DATA."""
-        chosen = root or os.environ.get(DATA_ENV) or None
-        return cls(Path(chosen).expanduser() if chosen else None,
-                   {k: Path(v).expanduser() for k, v in (per_dataset or {}).items()})
+        if root:
+            chosen = _folder(root, "--data-root")
+        else:  # read while plugins register: a ~name of no such user stays as written, and locate() names it
+            env = os.environ.get(DATA_ENV) or None
+            try:
+                chosen = Path(env).expanduser() if env else None
+            except RuntimeError:
+                chosen = Path(env)
+        return cls(chosen,
+                   {k: _folder(v, f"[data] {k}") for k, v in (per_dataset or {}).items()})
 
     def locate(self, dataset: str, folder_names: Sequence[str], layout: str) -> Path:
         """The folder holding ``dataset``; a missing one is a MetabenchError naming what was tried."""

@@ -571,3 +571,15 @@ def test_a_run_end_to_end_on_a_small_copy(layout, task, tmp_path):
     result = execute(request, host)
     assert len(result["per_episode"]) == 4
     assert source.roots.per_dataset == {cls.dataset: folder}
+
+
+def test_a_data_folder_of_no_such_user_is_one_line(monkeypatch):
+    """``~name`` of a user that does not exist: from --data-root refused at once, from
+    $METABENCH_DATA kept as written so the data set's lookup names it (never a traceback)."""
+    with pytest.raises(MetabenchError, match="--data-root: data folder '~nosuchuser_mb/x'"):
+        DataRoots.from_settings("~nosuchuser_mb/x")
+    monkeypatch.setenv("METABENCH_DATA", "~nosuchuser_mb/x")
+    roots = DataRoots.from_settings()
+    assert str(roots.root) == "~nosuchuser_mb/x"
+    with pytest.raises(MetabenchError, match="not found under ~nosuchuser_mb/x"):
+        roots.locate("miniimagenet", ["miniimagenet"], "images/")
