@@ -22,7 +22,8 @@ as the section ends, so a run cut short still leaves what it measured.
 
 Timing: every repetition ends with ``torch.cuda.synchronize()``; variants are interleaved as in
 the CPU benchmarks (benchmarks/common.py). cuDNN's TF32 convolutions are PyTorch's default
-(``torch.backends.cudnn.allow_tf32``) and stay on for the float32 figures, as in ``metabench run``.
+(``torch.backends.cudnn.allow_tf32``) and stay on for the float32 figures, as in ``metabench run``'s
+training (its evaluation turns TF32 off: metabench/numerics.py).
 
     python benchmarks/bench_gpu.py --json gpu.json             # on a CUDA machine
     python benchmarks/bench_gpu.py --device cpu --quick        # dry run of every section on CPU

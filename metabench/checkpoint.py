@@ -183,9 +183,10 @@ def identity_difference(saved: dict, current: dict) -> str | None:
     None when they are the same run."""
     labels = {"learner": "learner", "task": "task", "seed": "seed", "backbone": "backbone",
               "backbone_options": "backbone options", "budget": "budget", "episodes": "episodes",
-              "metabench_version": "metabench version", "validation": "validation"}
+              "metabench_version": "metabench version", "precision": "precision", "validation": "validation"}
+    defaults = {"precision": "fp32"}  # a checkpoint written before runs had a precision trained in fp32
     for key, label in labels.items():
-        a, b = saved.get(key), current.get(key)
+        a, b = saved.get(key, defaults.get(key)), current.get(key, defaults.get(key))
         if a != b:
             return f"{label} {a!r} in the checkpoint, {b!r} now"
     a, b = saved.get("config", {}), current.get("config", {})

@@ -22,7 +22,8 @@ from .errors import MetabenchError, PluginError
 from .settings import BUDGETS, DEFAULT_TASK
 
 DEFAULTS = {"task": DEFAULT_TASK, "backbone": None, "seed": 0, "budget": "quick", "episodes": None,
-            "device": "cpu", "out": "metabench-results", "checkpoint_every": "5m"}
+            "device": "cpu", "out": "metabench-results", "checkpoint_every": "5m", "eval_batch": None,
+            "precision": "fp32"}
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -39,6 +40,12 @@ def make_table(title: str, *columns: str) -> Table:
 def add_data_root(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", metavar="DIR",
                         help="folder holding the data sets (default $METABENCH_DATA); NAME=DIR for one data set")
+
+
+def add_eval_batch(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--eval-batch", type=int, metavar="N",
+                        help="test episodes per call, for learners that predict several at once (default 1 on "
+                             "cpu, 16 on cuda)")
 
 
 def data_roots(args: argparse.Namespace, toml: dict | None = None):
@@ -87,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--budget", choices=BUDGETS, help="training length (default quick)")
     run.add_argument("--episodes", type=int, help="evaluate on the first N fixed episodes (default: the protocol's)")
     run.add_argument("--device", help="cpu (default), cuda or cuda:N")
+    add_eval_batch(run)
+    run.add_argument("--precision", metavar="fp32|bf16",
+                     help="training precision: fp32 (default) or bf16 (autocast, where the learner allows it); "
+                          "evaluation runs in fp32")
     run.add_argument("--config", metavar="FILE.toml", help="TOML file with [run], [learner], [backbone] tables")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a learner setting, or backbone.KEY=VALUE (repeatable)")
@@ -109,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--task", help="registered task (default: the one it was trained on)")
     ev.add_argument("--episodes", type=int, help="evaluate on the first N fixed episodes (default: the protocol's)")
     ev.add_argument("--device", help="cpu (default), cuda or cuda:N")
+    add_eval_batch(ev)
     ev.add_argument("--out", help="folder for the result JSON (default ./metabench-results/)")
     add_data_root(ev)
 
@@ -298,7 +310,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         request = RunRequest(data_roots=data_roots(args, toml), learner=args.learner, task=opts["task"],
                              backbone=opts["backbone"], seed=int(opts["seed"]), budget=opts["budget"],
                              episodes=opts["episodes"], device=device, learner_layers=layers,
-                             backbone_options=backbone_options, validation=validation)
+                             backbone_options=backbone_options, validation=validation,
+                             eval_batch=opts["eval_batch"], precision=opts["precision"])
         control = RunControl(out_dir, resume=args.resume,
                              checkpoint_every=CheckpointInterval.parse(opts["checkpoint_every"]),
                              save_learner=not args.no_save, world=world)
@@ -402,7 +415,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     host = _host()
     with progress_bars(*BAR_COLUMNS) as bars:
         doc = evaluate_saved(args.learner_file, host, args.task, args.episodes, args.device or "cpu",
-                             data_roots(args), bars)
+                             data_roots(args), bars, eval_batch=args.eval_batch)
     path = write_result(doc, out_dir)
     out.print(result_table(doc))
     trained = doc["trained_on"]["task"]

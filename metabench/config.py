@@ -2,7 +2,7 @@
 
 TOML layout::
 
-    [run]       # defaults for CLI options: task, backbone, seed, budget, episodes, device
+    [run]       # defaults for CLI options: task, backbone, seed, budget, episodes, device, eval_batch, precision
     seed = 1
     [learner]   # the learner's hyper-parameters (fields of its Config dataclass)
     inner_lr = 0.4
@@ -26,9 +26,10 @@ from typing import Any
 
 from .errors import MetabenchError
 
-RUN_KEYS = ("task", "backbone", "seed", "budget", "episodes", "device", "out", "data_root", "checkpoint_every")
+RUN_KEYS = ("task", "backbone", "seed", "budget", "episodes", "device", "out", "data_root", "checkpoint_every",
+            "eval_batch", "precision")
 #: the type of each [run] value (as TOML gives it; checkpoint_every: a step count or text like "10m")
-_RUN_TYPES = {"seed": (int,), "episodes": (int,), "checkpoint_every": (int, str)}
+_RUN_TYPES = {"seed": (int,), "episodes": (int,), "checkpoint_every": (int, str), "eval_batch": (int,)}
 _TOP_KEYS = ("run", "learner", "backbone", "data", "validation")
 
 

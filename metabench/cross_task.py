@@ -30,6 +30,7 @@ from .evaluation import Scores, evaluate
 from .learner_file import read_learner_file, sha256_of
 from .plugins import PluginHost
 from .learner import Learner
+from .numerics import resolve_eval_batch
 from .runner import (NoProgress, Progress, RunPlan, RunRequest, build_learner, git_commit, prepare_split,
                      resolve_device, result_document)
 from .task import Episode, Protocol
@@ -92,9 +93,10 @@ class SavedLearner:
 
 
 def load_saved_learner(path: str | Path, host: PluginHost, task: str | None = None, episodes: int | None = None,
-                       device: str = "cpu") -> SavedLearner:
+                       device: str = "cpu", eval_batch: int | None = None) -> SavedLearner:
     """Read a learner file and build its learner for ``task`` (default: the one it was trained on),
-    refusing in one line a file or task it cannot take."""
+    refusing in one line a file or task it cannot take. ``eval_batch``: ``--eval-batch`` (None: the
+    device's default)."""
     path = Path(path)
     doc = read_learner_file(path)
     name, plugin = doc["learner"]["name"], doc["learner"]["plugin"]
@@ -110,9 +112,10 @@ def load_saved_learner(path: str | Path, host: PluginHost, task: str | None = No
     config = saved_config(entry.obj, doc["learner"]["config"], path, name)
     options = dict(doc["backbone"]["options"])
     request = RunRequest(learner=name, task=protocol.name, backbone=doc["backbone"]["name"], seed=int(doc["seed"]),
-                         budget=str(doc["budget"]), episodes=episodes, device=device)
+                         budget=str(doc["budget"]), episodes=episodes, device=device, eval_batch=eval_batch)
+    where = resolve_device(device)
     plan = RunPlan(request, entry, protocol, source, task_plugin, doc["backbone"]["name"], options, options, config,
-                   resolve_device(device), episodes or protocol.episodes)
+                   where, episodes or protocol.episodes, eval_batch=resolve_eval_batch(eval_batch, where))
     learner_protocol = dataclasses.replace(protocol, image_size=trained_size) \
         if protocol.image_size != trained_size else protocol
     torch.manual_seed(request.seed)
@@ -126,10 +129,11 @@ def load_saved_learner(path: str | Path, host: PluginHost, task: str | None = No
 
 
 def evaluate_saved(path: str | Path, host: PluginHost, task: str | None = None, episodes: int | None = None,
-                   device: str = "cpu", roots: DataRoots | None = None, progress: Progress | None = None) -> dict:
+                   device: str = "cpu", roots: DataRoots | None = None, progress: Progress | None = None,
+                   eval_batch: int | None = None) -> dict:
     """Score the saved learner ``path`` on ``task`` (default: the one it was trained on); returns
-    the result document (not yet written)."""
-    saved = load_saved_learner(path, host, task, episodes, device)
+    the result document (not yet written). ``eval_batch``: ``--eval-batch`` (None: the device's default)."""
+    saved = load_saved_learner(path, host, task, episodes, device, eval_batch)
     doc, plan, learner, trained_size = saved.doc, saved.plan, saved.learner, saved.trained_size
     protocol, source = plan.protocol, plan.source
     progress = progress or NoProgress()
@@ -141,7 +145,7 @@ def evaluate_saved(path: str | Path, host: PluginHost, task: str | None = None, 
     scores = Scores(protocol.problem)
     started = time.perf_counter()
     evaluate(learner, protocol, source, protocol.eval_split, draws, plan.who, progress, plan.device, scores,
-             transform=resizer(trained_size) if resized else None)
+             transform=resizer(trained_size) if resized else None, batch=plan.eval_batch)
     eval_s = time.perf_counter() - started
     trained = doc["task"]
     return result_document(

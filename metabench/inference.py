@@ -10,7 +10,8 @@ On a GPU the plain network runs unchanged: there a test episode's forward is bou
 launches rather than arithmetic, and TF32 convolutions (PyTorch's default on CUDA, 10 mantissa
 bits per operand) can move a folded network's output further than the check below allows. On an
 H200 the folded network was rejected by that check and channels_last was slower than eager
-(benchmarks/RESULTS.md, section 6); what pays there is several episodes per forward.
+(benchmarks/RESULTS.md, section 6); what pays there is several episodes per forward
+(``Learner.predict_batch`` with :func:`embed_episodes`, ``--eval-batch``).
 
 Every faster form is checked against the plain eval-mode network on the first batch it sees; one
 that disagrees (or fails to build) is dropped for the next simpler one, so a backbone this module
@@ -145,3 +146,19 @@ class InferenceNet:
             self.builds += 1
         with torch.no_grad():
             return self._fn(self._prepare(x, self._cl))
+
+
+def embed_episodes(embed, episodes) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Several episodes' support and query images through ``embed`` in one forward:
+    ``episodes`` [(support_x [S_i, ...], support_y, query_x [Q_i, ...]), ...] -> [(support embeddings
+    [S_i, D], query embeddings [Q_i, D]), ...] in episode order (for ``Learner.predict_batch``; with an
+    eval-mode network each row is its image's embedding alone, as one episode per forward gives it
+    up to float rounding)."""
+    images = torch.cat([x for support_x, _, query_x in episodes for x in (support_x, query_x)])
+    emb = embed(images)
+    out, pos = [], 0
+    for support_x, _, query_x in episodes:
+        s, q = support_x.shape[0], query_x.shape[0]
+        out.append((emb[pos:pos + s], emb[pos + s:pos + s + q]))
+        pos += s + q
+    return out

@@ -219,6 +219,22 @@ class Learner(abc.ABC):
     #: True if it takes episodes whose way count and shots per class vary (Meta-Dataset's sampler:
     #: ``predict`` reads the way count from ``support_y``); tasks drawing such episodes refuse others.
     variable_episodes: ClassVar[bool] = False
+    #: The training precisions it allows (``--precision``; metabench/numerics.py): "fp32" always;
+    #: "bf16" if its training forward and backward may run under ``torch.autocast(dtype=bfloat16)``
+    #: (parameters, optimiser state and gradients stay float32). Others are refused with one line.
+    precisions: ClassVar[frozenset[str]] = frozenset({"fp32"})
+    #: True if its evaluation runs in the run's precision too; by default it runs in float32.
+    evaluates_in_precision: ClassVar[bool] = False
+
+    @classmethod
+    def refuses_precision(cls, precision: str, config: Any) -> str | None:
+        """Why it cannot train in ``precision`` with ``config`` (the harness refuses the run with
+        this reason and the precisions it does accept), or None if it can. Default: it can in
+        :attr:`precisions`. A learner whose settings decide (second-order MAML stays float32)
+        overrides this."""
+        if precision == "fp32" or precision in cls.precisions:
+            return None
+        return f"it does not declare {precision} in its precisions"
 
     def __init__(self, config: Any, backbone: Backbone, protocol: Protocol, device: torch.device):
         """Checks a dataclass ``config`` against its fields' declarations (:func:`metabench.check_settings`:
@@ -277,6 +293,20 @@ class Learner(abc.ABC):
                     raise ValueError(f"the saved {name!r} does not fit this learner's shape {tuple(target.shape)}")
                 with torch.no_grad():
                     target.copy_(value)
+
+    def predict_batch(self, episodes: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """Optional: :meth:`predict` of several test episodes in one call, e.g. all their images in one
+        backbone forward (on a GPU one episode per forward is launch-bound).
+
+        episodes: ``(support_x, support_y, query_x)`` of each episode, as :meth:`predict` takes them.
+        Returns one output per episode, in order, each what :meth:`predict` returns for that episode
+        (the same function: equal up to float rounding, so that its predictions are the same).
+
+        The harness groups ``--eval-batch`` consecutive test episodes (default 1 on a CPU, 16 on CUDA)
+        and calls this only for a learner that overrides it; other learners get one episode per
+        :meth:`predict` call. Runs under ``torch.no_grad()``, like :meth:`predict`.
+        """
+        return [self.predict(*episode) for episode in episodes]
 
     @abc.abstractmethod
     def predict(self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:

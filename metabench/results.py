@@ -7,7 +7,8 @@ file names), that its episode hash is a SHA-256 and that its summary is what ``p
 (recomputed); the runner's document must pass it before it is written, and every reader (compare,
 plot, publish, leaderboard) reads through :func:`load_result`. Producers may add keys (the runner
 records more: ``created_utc``, ``learner.transductive``, ``learner.resumable``,
-``backbone.parameters``, ...); readers must not require them.
+``backbone.parameters``, ``precision``, ``evaluation``, ...; the last two are checked where present,
+:func:`compute_problems`); readers must not require them.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any
 
 from .errors import MetabenchError
 from .files import write_atomic
+from .settings import PRECISIONS
 
 SCHEMA_VERSION = 1
 #: Test-time step counts after which a regression result records the metric of every episode
@@ -77,6 +79,7 @@ def schema_problems(doc: Any, spec: dict = _REQUIRED, where: str = "") -> list[s
             problems.append(f"per_episode has {len(per)} values but task.episodes is {doc['task']['episodes']} "
                             f"and summary.n is {doc['summary']['n']}")
         problems.extend(per_step_problems(doc))
+        problems.extend(compute_problems(doc))
         problems.extend(name_problems(doc))
         if not problems:
             problems.extend(summary_problems(doc))
@@ -141,6 +144,25 @@ def per_step_problems(doc: dict) -> list[str]:
             problems.append(f"per_step.{key} must list one value per episode ({len(doc['per_episode'])})")
         elif not all(v is None or _finite(v) for v in values):
             problems.append(f"per_step.{key} must hold finite numbers or null")
+    return problems
+
+
+def compute_problems(doc: dict) -> list[str]:
+    """What is wrong with the optional ``precision`` (the training precision, one of
+    :data:`~metabench.settings.PRECISIONS`) and ``evaluation`` ({"batch": test episodes per predict call,
+    "precision": what the predictions ran in}) entries."""
+    problems = []
+    if "precision" in doc and doc["precision"] not in PRECISIONS:
+        problems.append(f"precision {doc['precision']!r} is not one of {', '.join(PRECISIONS)}")
+    if "evaluation" in doc:
+        ev = doc["evaluation"]
+        if not isinstance(ev, dict):
+            return problems + ["evaluation must be an object"]
+        batch = ev.get("batch")
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+            problems.append(f"evaluation.batch must be a positive integer, got {batch!r}")
+        if ev.get("precision") not in PRECISIONS:
+            problems.append(f"evaluation.precision {ev.get('precision')!r} is not one of {', '.join(PRECISIONS)}")
     return problems
 
 

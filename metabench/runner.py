@@ -21,9 +21,11 @@ from .data import DataRoots
 from .episodes import TrainSampler, episodes_sha256, eval_draws
 from .errors import MetabenchError, PluginError
 from .evaluation import Scores, evaluate, metric_after_steps, score  # noqa: F401  (both were defined here before)
+from .evaluation import predicts_batches
 from .learner import Learner, TrainContext, TrainingDiverged
 from .learner_file import learner_document, write_learner_file
 from .lifecycle import RunInfo
+from .numerics import check_precision, eval_precision, resolve_eval_batch, training_precision
 from .plugins import PluginHost
 from .results import SCHEMA_VERSION
 from .checkpoint import set_rng_state
@@ -75,6 +77,11 @@ class RunRequest:
     #: validation during training: a ``[validation]`` table ({"every": N, "episodes": M}; every 0:
     #: off), over the learner's paper config's at budget paper; None: the paper config's (else off)
     validation: dict[str, Any] | None = None
+    #: test episodes per ``predict_batch`` call (``--eval-batch``); None: the device's default
+    #: (metabench.numerics.DEFAULT_EVAL_BATCH)
+    eval_batch: int | None = None
+    #: training precision (``--precision``): one of metabench.settings.PRECISIONS
+    precision: str = "fp32"
 
 
 @dataclass
@@ -243,6 +250,8 @@ class RunPlan:
     config:    the learner's Config instance (budget, paper config, --config and --set applied)
     device:    where to compute; episodes: how many fixed test episodes to score
     validation: validation during training (:class:`~metabench.validation.ValidationSettings`) or None
+    eval_batch: test episodes per ``predict_batch`` call (resolved: ``request.eval_batch`` or the
+               device's default)
     """
 
     request: RunRequest
@@ -257,6 +266,7 @@ class RunPlan:
     device: torch.device
     episodes: int
     validation: ValidationSettings | None = None
+    eval_batch: int = 1
 
     @property
     def who(self) -> str:
@@ -304,9 +314,11 @@ def prepare(request: RunRequest, host: PluginHost) -> RunPlan:
         except ValueError as exc:
             raise MetabenchError(f"learner {entry.name!r} (plugin {entry.plugin!r}) refused its settings: {exc}") from None
     device = resolve_device(request.device)
+    check_precision(request.precision, cls, config, f"learner {entry.name!r} (plugin {entry.plugin!r})", device)
+    eval_batch = resolve_eval_batch(request.eval_batch, device)
     n_eval = request.episodes or (min(SMOKE_EPISODES, protocol.episodes) if request.budget == "smoke" else protocol.episodes)
     return RunPlan(request, entry, protocol, source, task_plugin, backbone_name, backbone_options, recorded_options,
-                   config, device, n_eval, validation)
+                   config, device, n_eval, validation, eval_batch)
 
 
 def check_seed(seed) -> None:
@@ -320,7 +332,7 @@ def run_identity(plan: RunPlan) -> dict:
     r = plan.request
     return {"learner": plan.learner.name, "task": f"{plan.protocol.name} (version {plan.protocol.version})",
             "seed": r.seed, "backbone": plan.backbone, "backbone_options": plan.recorded_options, "budget": r.budget,
-            "episodes": plan.episodes, "metabench_version": __version__,
+            "episodes": plan.episodes, "metabench_version": __version__, "precision": r.precision,
             "validation": plan.validation.as_dict() if plan.validation else None,
             "config": dataclasses.asdict(plan.config) if dataclasses.is_dataclass(plan.config) else dict(vars(plan.config))}
 
@@ -405,8 +417,8 @@ def _execute_opened(plan: RunPlan, host: PluginHost, progress, run: RunInfo, con
         progress.update(phase, step, **metrics)
         host.on_progress(run, phase, step, total, dict(metrics))
 
-    validator = Validator(plan.validation, learner, protocol, source, device, who, score, report) \
-        if plan.validation else None
+    validator = Validator(plan.validation, learner, protocol, source, device, who, score, report,
+                          eval_precision(plan.learner.obj, request.precision)) if plan.validation else None
 
     ctx = TrainContext(protocol, TrainSampler(protocol, source, request.seed, "train", device), source, device,
                        generator, report, world=world)
@@ -431,6 +443,7 @@ def _execute_opened(plan: RunPlan, host: PluginHost, progress, run: RunInfo, con
         # checkpointed and resumed; false for a learner that keeps its own loop
         learner_extra={"resumable": ctx.harness_steps},
         trained_on={"task": protocol.name, "version": protocol.version, "image_size": protocol.image_size},
+        precision=request.precision,
         extra={**({"validation": validator.record()} if validator is not None else {}),
                **({"learner_file": learner_file} if learner_file else {}),
                **({"resumed": resumed} if resumed else {}),
@@ -443,9 +456,10 @@ def _execute_opened(plan: RunPlan, host: PluginHost, progress, run: RunInfo, con
 
 def result_document(plan: RunPlan, host: PluginHost, learner: Learner, draws, scores: Scores, *, commit: str | None,
                     trained_on: dict, timing: dict, learner_extra: dict | None = None,
-                    extra: dict | None = None) -> dict:
+                    extra: dict | None = None, precision: str | None = None) -> dict:
     """The result file's document (schema: metabench/results.py) of a learner scored on ``draws``:
-    what ``metabench run`` and ``metabench eval`` write."""
+    what ``metabench run`` and ``metabench eval`` write. ``precision``: what it was trained in
+    (``metabench run``; a learner file does not say)."""
     entry, protocol = plan.learner, plan.protocol
     per_step = scores.record()["per_step"]
     return {
@@ -465,10 +479,19 @@ def result_document(plan: RunPlan, host: PluginHost, learner: Learner, draws, sc
         "per_episode": scores.per_episode,
         "summary": summarize(scores.per_episode).to_dict(),
         **({"per_step": per_step} if per_step is not None else {}),
+        **({"precision": precision} if precision is not None else {}),
+        "evaluation": evaluation_record(plan, learner),
         **(extra or {}),
         "timing": timing,
         "environment": environment(plan.device, commit),
     }
+
+
+def evaluation_record(plan: RunPlan, learner: Learner) -> dict:
+    """The result's ``evaluation``: test episodes per predict call (``--eval-batch`` where the learner
+    implements ``predict_batch``, else 1) and the precision the predictions ran in."""
+    return {"batch": plan.eval_batch if predicts_batches(learner) else 1,
+            "precision": eval_precision(plan.learner.obj, plan.request.precision)}
 
 
 def train_and_evaluate(plan, host, control, learner, ctx, state, validator, eval_progress, draws, progress,
@@ -478,7 +501,8 @@ def train_and_evaluate(plan, host, control, learner, ctx, state, validator, eval
     entry, protocol, request, who, device = plan.learner, plan.protocol, plan.request, plan.who, plan.device
     folder, eval_doc, world = control.folder, control.eval_doc, control.world
     try:
-        learner.meta_train(ctx)
+        with training_precision(request.precision, device):  # fp32: nothing; bf16: autocast
+            learner.meta_train(ctx)
     except (MetabenchError, KeyboardInterrupt):
         raise
     except TrainingDiverged as exc:
@@ -530,7 +554,8 @@ def train_and_evaluate(plan, host, control, learner, ctx, state, validator, eval
     state.catch_interrupts()
     try:
         evaluate(learner, protocol, plan.source, protocol.eval_split, draws, who, progress, device, scores,
-                 after_episode=after_episode, world=world)
+                 after_episode=after_episode, world=world, batch=plan.eval_batch,
+                 precision=eval_precision(entry.obj, request.precision))
     finally:
         state.release_interrupts()
     eval_s = prior_eval_s + time.perf_counter() - started

@@ -30,6 +30,11 @@ BUDGETS = ("smoke", "quick", "paper")
 #: 1-shot on hand-drawn kanji (issue 17: kanji-5w1s, the default before, left < 1 point of headroom).
 DEFAULT_TASK = "kanji_hand_radical-5w1s"
 
+#: The training precisions ``--precision`` accepts (fp32, the default: no autocast; bf16: the training
+#: forward and backward under ``torch.autocast(dtype=torch.bfloat16)``, where the learner allows it;
+#: metabench/numerics.py). Here, not there, so that reading a result needs no torch.
+PRECISIONS = ("fp32", "bf16")
+
 __all__ = ["setting", "check_settings"]
 
 _KEY = "metabench"  # the dataclasses field-metadata key of a setting's constraints

@@ -24,6 +24,7 @@ from .checkpoint import rng_state, set_rng_state
 from .episodes import episodes_sha256, eval_draws
 from .errors import MetabenchError, PluginError
 from .learner import Learner
+from .numerics import evaluation_numerics
 from .task import Protocol
 
 VALIDATION_SPLIT = "val"
@@ -79,7 +80,7 @@ class Validator:
     """
 
     def __init__(self, settings: ValidationSettings, learner: Learner, protocol: Protocol, source, device,
-                 who: str, score, report=None):
+                 who: str, score, report=None, precision: str = "fp32"):
         try:
             source.check_split(VALIDATION_SPLIT)
         except Exception:
@@ -87,6 +88,7 @@ class Validator:
                                  "turn validation off (--validate-every 0)") from None
         self.settings, self.learner, self.protocol, self.source = settings, learner, protocol, source
         self.device, self.who, self.score, self.report = device, who, score, report
+        self.precision = precision  # what its predictions run in (metabench.numerics.evaluation_numerics)
         self.draws = eval_draws(protocol, source, VALIDATION_SPLIT, settings.episodes)
         self.sha256 = episodes_sha256(self.draws)
         self.curve: list[tuple[int, float]] = []
@@ -107,15 +109,16 @@ class Validator:
         saved_rng = rng_state()
         values = []
         try:
-            for i, draw in enumerate(self.draws):
-                episode = self.source.materialize(draw, VALIDATION_SPLIT).to(self.device)
-                try:
-                    with torch.no_grad():
-                        output = self.learner.predict(episode.support_x, episode.support_y, episode.query_x)
-                except Exception as exc:
-                    raise PluginError(f"{self.who} failed in predict (validation episode {i}): "
-                                      f"{type(exc).__name__}: {exc}") from exc
-                values.append(self.score(self.protocol, output, episode.query_y, self.who, len(draw.classes)))
+            with evaluation_numerics(self.device, self.precision):
+                for i, draw in enumerate(self.draws):
+                    episode = self.source.materialize(draw, VALIDATION_SPLIT).to(self.device)
+                    try:
+                        with torch.no_grad():
+                            output = self.learner.predict(episode.support_x, episode.support_y, episode.query_x)
+                    except Exception as exc:
+                        raise PluginError(f"{self.who} failed in predict (validation episode {i}): "
+                                          f"{type(exc).__name__}: {exc}") from exc
+                    values.append(self.score(self.protocol, output, episode.query_y, self.who, len(draw.classes)))
         finally:
             set_rng_state(saved_rng)
             for module, training in modes:

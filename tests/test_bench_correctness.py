@@ -262,5 +262,14 @@ def test_gpu_check_dry_runs_on_a_cpu(tmp_path):
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert {name: step["exit"] for name, step in summary["steps"].items()} == {"bench_gpu": 0, "torchrun": 0}
+    steps = ["bench_gpu", "torchrun", "repeat_protonet_a", "repeat_protonet_b", "repeat_maml_a", "repeat_maml_b",
+             "eval_batch_16", "eval_batch_16-again", "eval_batch_1", "bf16"]
+    assert {name: step["exit"] for name, step in summary["steps"].items()} == dict.fromkeys(steps, 0)
     assert summary["torchrun"]["distributed"] == {"world_size": 2, "backend": "gloo"}
+    # on a CPU every check passes: repeated runs and evaluations are bit-identical, and so are
+    # --eval-batch 16 and 1
+    assert summary["checks"] == dict.fromkeys(["repeat protonet", "repeat maml", "eval repeat (batch 16)",
+                                               "eval batch 16 vs 1 ran", "bf16 run"], "PASS")
+    assert summary["repeat_protonet"]["trained_state_identical"] is True
+    assert summary["eval_batch"]["identical"] and summary["eval_batch"]["batch"] == [1, 16]
+    assert summary["bf16"]["precision"] == "bf16"

@@ -135,6 +135,20 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(capsys, tmp_path, unint
     assert not (tmp_path / "checkpoints").exists()  # a finished run keeps no checkpoints
 
 
+def test_an_evaluation_in_groups_killed_midway_resumes_to_the_one_at_a_time_values(capsys, tmp_path, uninterrupted):
+    """--eval-batch 4: killed before episode 3 of the first group is recorded, resumed in groups of 4
+    from the last episode on record; every value equals the uninterrupted run's (one per call)."""
+    full, full_state, _ = uninterrupted("protonet")
+    killed = subprocess_run(args("protonet", tmp_path, "--eval-batch", "4"), "kill@evaluate:3")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    code, err = cli(capsys, *args("protonet", tmp_path, "--eval-batch", "4"), "--resume")
+    assert code == 0, err
+    resumed = result(tmp_path)
+    assert resumed["per_episode"] == full["per_episode"] and resumed["evaluation"]["batch"] == 4
+    assert "evaluation after 2 episodes" in resumed["resumed"][-1]  # the progress file of episode 2 of the group
+    assert same_state(flat_state(tmp_path), full_state)
+
+
 def test_a_kill_while_writing_a_checkpoint_resumes_from_the_one_before(capsys, tmp_path, uninterrupted):
     full, _, _ = uninterrupted("protonet")
     killed = subprocess_run(args("protonet", tmp_path), "kill@checkpoint:2")

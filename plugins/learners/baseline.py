@@ -30,7 +30,7 @@ from torch import nn
 
 from metabench import Learner, hookimpl, setting
 from metabench.episodic import optimizer_step
-from metabench.inference import InferenceNet
+from metabench.inference import InferenceNet, embed_episodes
 from metabench.pooled import PooledBatches
 
 from . import paper_config
@@ -151,6 +151,7 @@ class Baseline(Learner):
     any_ways = True  # nothing it learns is tied to the number of classes of an episode
     splits_meta_batch = True  # torchrun: each process takes its rows of every pre-training mini-batch
     variable_episodes = True  # a new head per episode, as wide as its way count
+    precisions = frozenset({"fp32", "bf16"})  # --precision bf16: pre-training forward/backward under autocast
     Config = BaselineConfig
     cosine = False
     reference = "Chen, Liu, Kira, Wang & Huang. A Closer Look at Few-shot Classification. ICLR 2019."
@@ -206,12 +207,22 @@ class Baseline(Learner):
 
         support_x [S, C, H, W], support_y [S], query_x [Q, C, H, W].
         """
-        c = self.config
         # the frozen backbone as a test-time copy (metabench.inference.InferenceNet: eval mode,
         # BatchNorm folded, checked against the plain network on first use)
         emb = self._inference(torch.cat([support_x, query_x]))
         n = support_x.shape[0]
-        support_emb, query_emb = emb[:n].detach(), emb[n:].detach()
+        return self.finetune_and_score(emb[:n].detach(), support_y, emb[n:].detach())
+
+    def predict_batch(self, episodes):
+        """:meth:`predict` of several episodes: all their images in one forward of the frozen
+        backbone, then a new head fitted per episode (as :meth:`predict` does, from the same seed)."""
+        return [self.finetune_and_score(support_emb.detach(), support_y, query_emb.detach())
+                for (support_emb, query_emb), (_, support_y, _) in
+                zip(embed_episodes(self._inference, episodes), episodes)]
+
+    def finetune_and_score(self, support_emb, support_y, query_emb):
+        """A new head fitted on the support embeddings [S, D] -> its logits for the queries [Q, ways]."""
+        c = self.config
         head = fit_head(support_emb, support_y, int(support_y.max()) + 1, self.cosine, self.finetune_scale(),
                         c.finetune_steps, c.finetune_lr, c.finetune_momentum, c.finetune_batch,
                         c.finetune_weight_decay, c.finetune_seed, c.finetune_dampening)

@@ -111,6 +111,7 @@ class MAML(Learner):
     problem_types = frozenset({"classification", "regression"})
     transductive = True
     splits_meta_batch = True  # torchrun: each process adapts its share of the meta-batch's tasks
+    precisions = frozenset({"fp32", "bf16"})  # bf16 only first order (refuses_precision)
     Config = MAMLConfig
     #: The ``task_batching`` values this learner's meta-loss implements.
     task_batchings = frozenset({"loop", "vmap", "stacked"})
@@ -135,6 +136,15 @@ class MAML(Learner):
         "quick": {},
         "paper": {"meta_steps": 60000, "meta_batch": 32, "inner_steps": 1, "meta_lr": 1e-3, "first_order": False},
     }
+
+    @classmethod
+    def refuses_precision(cls, precision, config):
+        """Second-order meta-gradients (differentiating through the inner loop's gradients) stay
+        float32: bf16 only with ``first_order``."""
+        if precision != "fp32" and not getattr(config, "first_order", False):
+            return (f"second-order meta-gradients stay float32 (first_order = false); "
+                    f"--set first_order=true trains first-order in {precision}")
+        return super().refuses_precision(precision, config)
 
     def __init__(self, config, backbone, protocol, device):
         super().__init__(config, backbone, protocol, device)

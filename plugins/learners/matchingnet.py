@@ -39,7 +39,7 @@ from torch import nn
 
 from metabench import Learner, hookimpl, setting
 from metabench.episodic import train_on_episodes
-from metabench.inference import InferenceNet
+from metabench.inference import InferenceNet, embed_episodes
 
 from . import paper_config
 
@@ -119,6 +119,7 @@ class MatchingNet(Learner):
 
     transductive = False
     any_ways = True  # nothing it learns is tied to the number of classes of an episode
+    precisions = frozenset({"fp32", "bf16"})  # --precision bf16: its training forward/backward under autocast
     Config = MatchingNetConfig
     paper_config = paper_config("matchingnet.toml")
     reference = ("Vinyals, Blundell, Lillicrap, Kavukcuoglu & Wierstra. "
@@ -156,7 +157,11 @@ class MatchingNet(Learner):
         embed: the backbone to embed with (default: the trainable network)."""
         emb = (self.net if embed is None else embed)(torch.cat([support_x, query_x]))
         n = support_x.shape[0]
-        support_emb, query_emb = emb[:n], emb[n:]
+        return self.logits_from_embeddings(emb[:n], support_y, emb[n:], ways)
+
+    def logits_from_embeddings(self, support_emb, support_y, query_emb, ways: int) -> torch.Tensor:
+        """Backbone embeddings of the support [S, D] and queries [Q, D] -> log P [Q, ways] (full-context
+        embeddings applied first, if any)."""
         if self.fce is not None:
             support_emb = self.fce.embed_support(support_emb)
             query_emb = self.fce.embed_query(query_emb, support_emb)
@@ -186,6 +191,15 @@ class MatchingNet(Learner):
         self.train_mode(False)  # running BatchNorm statistics: queries do not influence each other
         with torch.no_grad():
             return self.episode_logits(support_x, support_y, query_x, self.protocol.ways, embed=self._inference)
+
+    def predict_batch(self, episodes):
+        """:meth:`predict` of several episodes: all their images in one forward of the test-time
+        backbone, then each episode's attention (and full-context embeddings) on its own rows."""
+        self.train_mode(False)
+        with torch.no_grad():
+            return [self.logits_from_embeddings(support_emb, support_y, query_emb, self.protocol.ways)
+                    for (support_emb, query_emb), (_, support_y, _) in
+                    zip(embed_episodes(self._inference, episodes), episodes)]
 
 
 @hookimpl

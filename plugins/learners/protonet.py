@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from metabench import Learner, hookimpl, setting
 from metabench.episodic import train_on_episodes
-from metabench.inference import InferenceNet
+from metabench.inference import InferenceNet, embed_episodes
 
 from . import paper_config
 
@@ -71,6 +71,7 @@ class ProtoNet(Learner):
     any_ways = True  # nothing it learns is tied to the number of classes of an episode
     splits_meta_batch = True  # torchrun: each process computes its share of episodes_per_step episodes
     variable_episodes = True  # prototypes are class means: any way count, any shots per class
+    precisions = frozenset({"fp32", "bf16"})  # --precision bf16: its training forward/backward under autocast
     Config = ProtoNetConfig
     reference = "Snell, Swersky & Zemel. Prototypical Networks for Few-shot Learning. NeurIPS 2017."
     paper_config = paper_config("protonet.toml")
@@ -121,6 +122,14 @@ class ProtoNet(Learner):
         emb = self._inference(torch.cat([support_x, query_x]))  # [S + Q, D]
         n = support_x.shape[0]
         return prototype_logits(emb[:n], support_y, emb[n:], int(support_y.max()) + 1)  # the episode's ways
+
+    def predict_batch(self, episodes):
+        """:meth:`predict` of several episodes: every support and query image of all of them in one
+        forward of the test-time network, then each episode's prototypes and distances on its own
+        rows (eval-mode BatchNorm: an image's embedding does not depend on the others in the batch)."""
+        return [prototype_logits(support_emb, support_y, query_emb, int(support_y.max()) + 1)
+                for (support_emb, query_emb), (_, support_y, _) in zip(embed_episodes(self._inference, episodes),
+                                                                     episodes)]
 
 
 @hookimpl
