@@ -162,6 +162,7 @@ def test_list_and_a_misspelled_name_answer_from_the_index_without_torch(tmp_path
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # two fresh plugin loads in real processes; the in-process tests cover the key
 def test_the_index_follows_the_plugins_files_and_the_allow_list(tmp_path):
     site = write_plugin(tmp_path / "site", ["alpha"])
     code, out, err, torch = command(tmp_path, "list", "learners", plugins="fastplug", path=site)

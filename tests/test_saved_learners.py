@@ -22,8 +22,8 @@ cli = run_cli
 
 
 def run(capsys, out: Path, learner: str, *extra: str) -> tuple[dict, Path | None]:
-    code, _, err = cli(capsys, "run", "--learner", learner, "--budget", "smoke", "--episodes", "8", "--out", str(out),
-                       *extra)
+    code, _, err = cli(capsys, "run", "--learner", learner, "--task", "kanji-5w1s", "--budget", "smoke", "--episodes", "8",
+                       "--out", str(out), *extra)
     assert code == 0, err
     (path,) = out.glob("*.json")
     files = list(out.glob("*.learner.pt"))
