@@ -20,7 +20,9 @@ import metabench
 import metabench.data
 from metabench import MetabenchError
 from metabench.data import DataRoots, decode_image, read_split_file
-from metabench.episodes import episodes_sha256, eval_draws
+from metabench.episodes import TrainSampler, episodes_sha256, eval_draws
+from metabench.grouped import GroupedEpisodes
+from metabench.rng import SplitMix64
 from metabench_plugins.datasets import cub, miniimagenet, omniglot, tieredimagenet
 from metabench_plugins.datasets.cub import CUBSource
 from metabench_plugins.datasets.miniimagenet import SPLITS_DIR, MiniImageNetSource
@@ -583,3 +585,149 @@ def test_a_data_folder_of_no_such_user_is_one_line(monkeypatch):
     assert str(roots.root) == "~nosuchuser_mb/x"
     with pytest.raises(MetabenchError, match="not found under ~nosuchuser_mb/x"):
         roots.locate("miniimagenet", ["miniimagenet"], "images/")
+
+
+# ----------------------------------------------------------------------------- fine-grained episodes
+def grouped_copy(name, tmp_path):
+    """(plain source, grouped source) on one small folder whose splits hold two groups (alphabets,
+    categories) of 5 classes each, and in the test split a group too small for a 5-way episode
+    (Omniglot: Gurmukhi's 4 test characters; tieredImageNet: 3 classes of a third category)."""
+    if name == "omniglot":
+        doc, plain_cls, grouped_cls, writer, options = (committed(OmniglotSource), OmniglotSource,
+                                                         omniglot.OmniglotAlphabetSource, write_omniglot, {})
+        group_of = {c: c.partition("/")[0] for s in SPLITS for c in doc[s]}
+    else:
+        doc, plain_cls, grouped_cls, writer, options = (
+            committed(TieredImageNetSource), TieredImageNetSource, tieredimagenet.TieredImageNetCategorySource,
+            write_class_folders, {"suffix": ".png"})
+        group_of = doc["category"]
+    splits = {}
+    for split in SPLITS:
+        members: dict[str, list[str]] = {}
+        for c in doc[split]:
+            members.setdefault(group_of[c], []).append(c)
+        big = [g for g in members if len(members[g]) >= 5][:2]
+        splits[split] = [c for g in big for c in members[g][:5]]
+        if split == "test":
+            small = [g for g in members if g not in big][0]
+            splits[split] += members[small][:4 if name == "omniglot" else 3]
+    folder = writer(tmp_path / "data" / name, splits, **options)
+    roots = DataRoots(per_dataset={name if name == "omniglot" else "tieredimagenet": folder})
+    plain, grouped = plain_cls(splits=splits), grouped_cls(splits=splits)
+    plain.set_roots(roots)
+    grouped.set_roots(roots)
+    return plain, grouped
+
+
+GROUPED = {"omniglot": (omniglot, "omniglot_alphabet"), "tieredimagenet": (tieredimagenet, "tieredimagenet_category")}
+
+
+def grouped_protocol(name, ways, shots):
+    module, dataset = GROUPED[name]
+    maker = module.alphabet_protocols if name == "omniglot" else module.category_protocols
+    (protocol,) = [p for p in maker() if p.name == f"{dataset}-{ways}w{shots}s"]
+    return protocol
+
+
+@pytest.mark.parametrize("name", list(GROUPED))
+def test_fine_grained_episodes_stay_within_one_group(name, tmp_path):
+    plain, source = grouped_copy(name, tmp_path)
+    for shots in (1, 5):
+        protocol = grouped_protocol(name, 5, shots)
+        for split in ("test", "val"):
+            groups = source.class_groups(split)
+            draws = eval_draws(protocol, source, split, 40)
+            used = [{groups[c] for c in d.classes} for d in draws]
+            assert all(len(u) == 1 and None not in u for u in used)
+            assert all(len(set(d.classes)) == 5 and len(d.support) == 5 * shots for d in draws)
+            assert len({next(iter(u)) for u in used}) == (8 if name == "omniglot" else 2)  # every eligible group
+        # training episodes too, at the protocol's and at other shapes
+        sampler = TrainSampler(protocol, source, seed=0)
+        groups = source.class_groups("train")
+        for ways in (5, 3, 5):
+            for _ in range(10):
+                assert len({groups[c] for c in sampler.draw(ways=ways).classes}) == 1
+    # the test split's small groups (Gurmukhi's 4 characters, at each rotation; 3 tieredImageNet
+    # classes of a third category) give no episode
+    groups = source.class_groups("test")
+    small = {g for g in groups if groups.count(g) < 5}
+    assert len(small) == (4 if name == "omniglot" else 1)
+    assert not {groups[c] for d in eval_draws(protocol, source, "test", 40) for c in d.classes} & small
+    # a grouped episode's images are the plain source's, from the same cache
+    assert source.cache_key("test") == plain.cache_key("test")
+    draw = eval_draws(protocol, source, "test", 1)[0]
+    episode, same = source.materialize(draw, "test"), plain.materialize(draw, "test")
+    assert torch.equal(episode.support_x, same.support_x) and torch.equal(episode.query_x, same.query_x)
+
+
+def test_omniglot_groups_are_alphabets_at_one_rotation(tmp_path):
+    _, source = grouped_copy("omniglot", tmp_path)
+    draws = eval_draws(grouped_protocol("omniglot", 5, 1), source, "test", 40)
+    for d in draws:  # one alphabet, one rotation: class 4 c + r is character c turned r times
+        assert len({c % 4 for c in d.classes}) == 1
+        assert len({source.split_classes("test")[c // 4].partition("/")[0] for c in d.classes}) == 1
+    assert {c % 4 for d in draws for c in d.classes} == {0, 1, 2, 3}
+    assert source.class_groups("test")[:4] == [f"Kannada@{a}" for a in (0, 90, 180, 270)]
+
+
+@pytest.mark.parametrize("name", list(GROUPED))
+def test_fine_grained_episode_hash_differs_from_the_plain_task(name, tmp_path):
+    plain, source = grouped_copy(name, tmp_path)
+    protocol = grouped_protocol(name, 5, 1)
+    (plain_protocol,) = [p for p in GROUPED[name][0].protocols() if p.name == f"{name}-5w1s"]
+    a = episodes_sha256(eval_draws(protocol, source, "test", 30))
+    fresh = type(source)(splits={s: source.split_classes(s) for s in SPLITS})
+    fresh.set_roots(source.roots)
+    b = episodes_sha256(eval_draws(protocol, fresh, "test", 30))
+    assert a == b != episodes_sha256(eval_draws(plain_protocol, plain, "test", 30))
+
+
+@pytest.mark.parametrize("name,ways", [("omniglot", 20), ("tieredimagenet", 6)])
+def test_a_way_count_no_group_gives_is_refused_in_one_line(name, ways, tmp_path):
+    _, source = grouped_copy(name, tmp_path)
+    if name == "omniglot":  # the real 20-way protocol on a copy whose alphabets have 5 characters
+        message = one_line_error(lambda: eval_draws(grouped_protocol(name, ways, 1), source, "test", 1))
+    else:
+        message = one_line_error(lambda: source.draw(SplitMix64(0), "train", ways, 1, 15))
+    split = "test" if name == "omniglot" else "train"
+    assert f"no group of split {split!r} has {ways} classes" in message
+
+
+def test_committed_omniglot_alphabets_give_the_documented_groups():
+    """The groups come from the committed names (<alphabet>/characterNN, checked by the split file's
+    SHA-256): 12 test alphabets x 4 rotations of at least 20 characters, Gurmukhi's 4 left out."""
+    source = omniglot.OmniglotAlphabetSource()
+    sizes = {}
+    for split in SPLITS:
+        groups = source.class_groups(split)
+        assert len(groups) == 4 * COUNTS[OmniglotSource][split] and None not in groups
+        sizes[split] = {g: groups.count(g) for g in groups}
+    assert len(sizes["test"]) == 13 * 4 and min(n for g, n in sizes["test"].items() if "Gurmukhi" not in g) == 23
+    assert sizes["test"]["Gurmukhi@90"] == 4
+    assert sum(n >= 20 for n in sizes["train"].values()) == 31 * 4
+    assert sorted(set(sizes["val"].values())) == [22, 37, 41]
+
+
+def test_committed_tiered_categories_cover_every_class_and_no_two_splits():
+    doc = committed(TieredImageNetSource)
+    assert set(doc["category"]) == {c for s in SPLITS for c in doc[s]}
+    source = tieredimagenet.TieredImageNetCategorySource()
+    per_split = {s: set(source.class_groups(s)) for s in SPLITS}
+    assert {s: len(g) for s, g in per_split.items()} == {"train": 20, "val": 6, "test": 8}
+    assert not (per_split["train"] & per_split["val"] or per_split["train"] & per_split["test"]
+                or per_split["val"] & per_split["test"])
+    test = source.class_groups("test")
+    assert min(test.count(g) for g in per_split["test"]) == 10  # every test category gives 5-way episodes
+
+
+@pytest.mark.parametrize("name", list(GROUPED))
+def test_fine_grained_tasks_register_with_their_own_shared_source(name):
+    module, dataset = GROUPED[name]
+    host = host_with((name, module), builtins=False)
+    settings = module.SETTINGS
+    tasks = [host.task(f"{dataset}-{w}w{s}s") for w, s, _ in settings]
+    (plain_source,) = {id(host.task(f"{name}-{w}w{s}s")[1]) for w, s, _ in settings}
+    assert len({id(source) for _, source, _ in tasks}) == 1 and id(tasks[0][1]) != plain_source
+    for protocol, source, _ in tasks:
+        assert isinstance(source, GroupedEpisodes) and source.dataset == name  # same folder and cache
+        assert protocol.dataset == dataset and protocol.version == 1 and "fine-grained" in protocol.description

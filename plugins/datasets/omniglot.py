@@ -11,6 +11,22 @@ The cache holds only the unrotated images, resized to 28 x 28, as Omniglot store
 ink on white). On loading they are inverted, so ink is bright on dark as in the ``kanji`` set, and
 rotations are applied when an episode is materialized. Episode draws index the (virtual) split of
 all rotation classes, character-major: the rows of class ``4 c + r`` follow those of ``4 c + r - 1``.
+
+``omniglot_alphabet-{5,20}w{1,5}s`` are the fine-grained variant (:mod:`metabench.grouped`), Lake et
+al.'s harder within-alphabet protocol with Vinyals' rotation classes: every episode, in training and
+test, draws its classes from one alphabet *at one rotation* (group ``<alphabet>@<degrees>``, e.g.
+``Kannada@90``; an alphabet gives four groups). A rotated character stays a class of its own, as in
+Vinyals et al.; a rotated alphabet is then a group of its own, for two reasons: at 0 degrees the
+episodes are exactly Lake et al.'s within-alphabet episodes (which have no rotations), and mixing
+orientations in one episode would let a learner tell classes apart by orientation alone and put a
+character with its own rotations into one episode (near-duplicate classes for the characters a
+half or quarter turn leaves almost unchanged) instead of characters that look alike. The group
+of a character is the alphabet folder in its committed name (``<alphabet>/characterNN``), so the
+groups are part of ``splits/omniglot.json`` and checked by its SHA-256 with the classes. Every test
+alphabet but Gurmukhi (whose 4 test characters give no 5-way episode) has at least 23 characters,
+so the 20-way protocols draw from 12 test alphabets x 4 rotations; training episodes of 20 ways
+leave out the 5 training alphabets of fewer than 20 characters (Armenian's 4, Blackfoot, Ojibwe,
+Inuktitut, Tagalog). The fine-grained tasks share the plain tasks' image cache.
 """
 from __future__ import annotations
 
@@ -20,6 +36,7 @@ import torch
 
 from metabench import Episode, EpisodeDraw, hookimpl
 from metabench.data import ImageList
+from metabench.grouped import GroupedEpisodes
 
 from metabench.folders import SplitFolderSource, image_files, make_protocols
 
@@ -28,11 +45,19 @@ from . import SPLITS_DIR
 ROTATIONS = 4
 FOLDERS = ("images_background", "images_evaluation")
 SETTINGS = ((5, 1, 15), (5, 5, 15), (20, 1, 5), (20, 5, 5))
+#: version of the within-alphabet protocols (bump when their groups or the grouped draw change)
+ALPHABET_VERSION = 1
 
 
 def protocols():
     return make_protocols("omniglot", SETTINGS, 28, 1,
                           "the 423 Vinyals test characters of Omniglot x 4 rotations (28 px)")
+
+
+def alphabet_protocols():
+    return make_protocols("omniglot_alphabet", SETTINGS, 28, 1,
+                          "the Vinyals test characters of Omniglot x 4 rotations, every episode within one "
+                          "alphabet at one rotation (fine-grained, 28 px)", version=ALPHABET_VERSION)
 
 
 class OmniglotSource(SplitFolderSource):
@@ -130,8 +155,22 @@ class OmniglotSource(SplitFolderSource):
         return out
 
 
+class OmniglotAlphabetSource(GroupedEpisodes, OmniglotSource):
+    """Omniglot's rotation classes, each episode's drawn from one alphabet at one rotation.
+
+    Its data set name, folder and cache are the plain source's (``dataset = "omniglot"``)."""
+
+    def class_groups(self, split: str) -> list[str]:
+        """``<alphabet>@<degrees>`` of class ``4 c + r``: the alphabet of character ``c``'s committed
+        name ``<alphabet>/characterNN``, rotated by ``90 r`` degrees."""
+        return [f"{name.partition('/')[0]}@{90 * r}" for name in self.split_classes(split) for r in range(ROTATIONS)]
+
+
 @hookimpl
 def metabench_register_tasks(register):
     source = OmniglotSource()  # shared by the four protocols, so a split is decoded and loaded once
     for protocol in protocols():
         register(protocol, source)
+    grouped = OmniglotAlphabetSource()  # the within-alphabet protocols: same folder and image cache
+    for protocol in alphabet_protocols():
+        register(protocol, grouped)

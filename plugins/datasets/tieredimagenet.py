@@ -16,6 +16,11 @@ split:
 
 Classes are numbered in the split file's order (Ren et al.'s csv order), whatever the order of the
 class indices inside the pickles.
+
+``tieredimagenet_category-5w{1,5}s`` are the fine-grained variant (:mod:`metabench.grouped`): every
+episode, in training and test, draws its classes from one of Ren et al.'s high-level categories,
+the split file's ``category`` map (20 / 6 / 8 categories of 10 to 30 classes; checked by the split
+file's SHA-256 with the classes). They share the plain tasks' folder and image cache.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import numpy as np
 
 from metabench import MetabenchError, hookimpl
 from metabench.data import ImageList, build_image_cache, decode_image
+from metabench.grouped import GroupedEpisodes
 
 from metabench.folders import SplitFolderSource, make_protocols
 
@@ -37,11 +43,19 @@ from . import SPLITS_DIR
 SETTINGS = ((5, 1, 15), (5, 5, 15))
 _WNID = re.compile(r"^n\d{8}$")
 _PICKLE_MARK = "#"  # an image inside a pickle is listed as Path("<pickle>#<row, 8 digits>")
+#: version of the within-category protocols (bump when their groups or the grouped draw change)
+CATEGORY_VERSION = 1
 
 
 def protocols():
     return make_protocols("tieredimagenet", SETTINGS, 84, 3,
                           "the 160 test classes of tieredImageNet (Ren et al. split, 84 px)")
+
+
+def category_protocols():
+    return make_protocols("tieredimagenet_category", SETTINGS, 84, 3,
+                          "the 160 test classes of tieredImageNet, every episode within one of its 8 "
+                          "high-level categories (fine-grained, 84 px)", version=CATEGORY_VERSION)
 
 
 class _ArraysOnly(pickle.Unpickler):
@@ -192,8 +206,22 @@ class TieredImageNetSource(SplitFolderSource):
         return build_image_cache(key, listing, self.image_size, self.channels, progress, read=read)
 
 
+class TieredImageNetCategorySource(GroupedEpisodes, TieredImageNetSource):
+    """tieredImageNet, each episode's classes drawn from one high-level category.
+
+    Its data set name, folder and cache are the plain source's (``dataset = "tieredimagenet"``)."""
+
+    def class_groups(self, split: str) -> list[str | None]:
+        """The committed category (a WordNet id, e.g. ``n01524359`` passerine) of each class of ``split``."""
+        category = self.split_doc()["category"]
+        return [category.get(name) for name in self.split_classes(split)]
+
+
 @hookimpl
 def metabench_register_tasks(register):
     source = TieredImageNetSource()  # shared by both protocols, so a split is decoded and loaded once
     for protocol in protocols():
         register(protocol, source)
+    grouped = TieredImageNetCategorySource()  # the within-category protocols: same folder and image cache
+    for protocol in category_protocols():
+        register(protocol, grouped)
