@@ -121,7 +121,7 @@ def test_ray_launcher_runs_each_cell_as_a_ray_task(capsys, tmp_path):
 
 def test_the_committed_quick_grid_is_a_sweep_file():
     grid = read_grid(ROOT / "leaderboards" / "grid-quick.toml")
-    assert len(grid.cells) == len({c.key for c in grid.cells}) == 36 + 12 + 8
+    assert len(grid.cells) == len({c.key for c in grid.cells}) == 36 + 36 + 12 + 8
     assert {c.budget for c in grid.cells} == {"quick"} and {c.threads for c in grid.cells} == {1}
     committed = {(p.parent.parent.name, p.parent.name) for p in (ROOT / "leaderboards" / "results").glob("*/*/*quick*.json")}
     assert {(c.task, c.learner) for c in grid.cells} == committed
