@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .errors import MetabenchError
-from .files import fsync_folder, write_atomic  # noqa: F401 (fsync_folder: kept importable from here)
+from .files import write_atomic
 
 FORMAT = "metabench-checkpoint"
 FORMAT_VERSION = 1

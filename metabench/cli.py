@@ -436,15 +436,17 @@ def format_metric(summary: dict, metric: str) -> str:
 def result_table(doc: dict) -> Table:
     import statistics
 
+    from .stats import worst_episode
+
     metric, per = doc["task"]["metric"], doc["per_episode"]
     scale = 100.0 if metric == "accuracy" else 1.0
-    worst = (min if doc["task"]["higher_is_better"] else max)(per)
+    worst, at = worst_episode(per, doc["task"]["higher_is_better"])
     table = make_table(f"metabench {doc['metabench_version']} · budget {doc['budget']} · seed {doc['seed']}",
                        "task", "learner", "backbone", f"{metric} (95% CI)", "median", "worst", "episodes",
                        "meta-train", "eval")
     table.add_row(doc["task"]["name"], doc["learner"]["name"], doc["backbone"]["name"],
                   format_metric(doc["summary"], metric), f"{statistics.median(per) * scale:.4g}",
-                  f"{worst * scale:.4g} (#{per.index(worst)})", str(doc["summary"]["n"]),
+                  f"{worst * scale:.4g} (#{at})", str(doc["summary"]["n"]),
                   f"{doc['timing']['meta_train_s']:.1f}s", f"{doc['timing']['eval_s']:.1f}s")
     return table
 

@@ -74,14 +74,6 @@ class Scores:
                 "per_step": None if self.per_step is None else {str(k): list(v) for k, v in self.per_step.items()}}
 
 
-def score_episode(learner: Learner, protocol: Protocol, source, split: str, draw: EpisodeDraw, index: int, who: str,
-                  device: torch.device, transform: Callable[[Episode], Episode] | None,
-                  with_steps: bool) -> tuple[float, dict | None]:
-    """One test episode: materialize it, ``predict``, score; with ``with_steps`` also the metric
-    after 1, 5 and 10 test-time steps (None: the learner has no step count)."""
-    return score_episodes(learner, protocol, source, split, [draw], [index], who, device, transform, with_steps)[0]
-
-
 def predicts_batches(learner: Learner) -> bool:
     """Whether the learner takes several test episodes per call (it overrides ``predict_batch``)."""
     return type(learner).predict_batch is not Learner.predict_batch
@@ -91,7 +83,8 @@ def score_episodes(learner: Learner, protocol: Protocol, source, split: str, dra
                    indices: Sequence[int], who: str, device: torch.device,
                    transform: Callable[[Episode], Episode] | None, with_steps: bool) -> list[tuple[float, dict | None]]:
     """Test episodes ``indices`` (their ``draws``): materialize them, predict (one episode: ``predict``;
-    several: one ``predict_batch`` call), score each; ``(value, after)`` per episode as :func:`score_episode`."""
+    several: one ``predict_batch`` call), score each. Per episode ``(value, after)``: its metric, and
+    with ``with_steps`` its metric after 1, 5 and 10 test-time steps (None: the learner has no step count)."""
     episodes = []
     for draw in draws:
         episode = source.materialize(draw, split).to(device)
@@ -181,7 +174,7 @@ def evaluate(learner: Learner, protocol: Protocol, source, split: str, draws: Se
         progress.start("evaluate", len(draws))
         for group in _groups(range(start, len(draws)), size):
             scored = score_episodes(learner, protocol, source, split, [draws[i] for i in group], group, who, device,
-                                    transform, scores.per_step is not None)
+                                    transform, with_steps)
             for i, (value, after) in zip(group, scored):
                 faults.kill_point(f"evaluate:{i}")
                 _record(scores, value, after)

@@ -44,7 +44,7 @@ from pathlib import Path
 from .errors import MetabenchError
 from .files import write_bytes_atomic
 from .results import PER_STEP_COUNTS, load_result
-from .stats import Summary, paired_compare, summarize
+from .stats import Summary, paired_compare, summarize, worst_episode
 
 ALPHA = 0.05
 PLOT_FORMATS = ("svg", "png")
@@ -212,9 +212,7 @@ class Row:
 
     def worst(self, higher_is_better: bool) -> tuple[float, int]:
         """The worst episode's value and index (lowest accuracy, highest error)."""
-        pick = min if higher_is_better else max
-        value = pick(self.per_episode)
-        return value, self.per_episode.index(value)
+        return worst_episode(self.per_episode, higher_is_better)
 
     @property
     def seed_means(self) -> list[float]:
@@ -461,11 +459,11 @@ def _seeds(r: Row, metric: str) -> str:
 
 def row_record(r: Row, out_dir: Path) -> dict:
     """A row as plain data (the JSON and CSV outputs)."""
+    worst, at = r.worst(r.results[0].doc["task"]["higher_is_better"])
     return {
         "rank": r.rank, "learner": r.learner, "backbone": r.backbone, "settings_sha256": r.settings,
         "mean": _r(r.summary.mean), "ci95": _r(r.summary.ci95), "std": _r(r.summary.std),
-        "median": _r(r.median), "worst": _r(r.per_episode[r.worst(r.results[0].doc["task"]["higher_is_better"])[1]]),
-        "worst_episode": r.worst(r.results[0].doc["task"]["higher_is_better"])[1],
+        "median": _r(r.median), "worst": _r(worst), "worst_episode": at,
         "episodes": r.summary.n, "episodes_sha256": r.episodes_sha256,
         "seeds": [x.seed for x in r.results], "seed_means": [_r(m) for m in r.seed_means], "seed_std": _r(r.seed_std),
         "transductive": r.transductive, "meta_train_s": _r(r.mean_of("timing", "meta_train_s")),

@@ -22,7 +22,7 @@ without importing any plugin module:
   loading them imported (``kanji_data.py`` beside ``kanji.py``).
 
 A missing, unreadable, corrupt or stale index is ignored: the plugins are loaded as before, and the
-index is written again (temp file, fsync, rename) once a command that loaded them succeeds. A
+index is written again (:func:`metabench.files.write_bytes_atomic`) once a command that loaded them succeeds. A
 command refused as bad input writes nothing, not even the index. A process that has loaded a host
 (a test's own plugins) always uses that host. The index assumes a plugin registers the same names
 given the same files and installed packages; after changing anything else a plugin reads while
@@ -35,7 +35,6 @@ import importlib.util
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .errors import MetabenchError
+from .files import write_bytes_atomic
 from .registry import Entry, Registry
 
 ENTRY_POINT_GROUP = "metabench"
@@ -293,27 +293,9 @@ def write_pending() -> None:
         doc = {"format": FORMAT, "key": pending.key, "depends": depends, "warnings": list(pending.host.errors),
                "listing": describe(pending.host)}
         _parse(json.loads(json.dumps(doc)))  # what is written reads back
-        write_atomic(index_path(), json.dumps(doc, indent=1, ensure_ascii=False).encode())
+        write_bytes_atomic(index_path(), json.dumps(doc, indent=1, ensure_ascii=False).encode())
     except Exception:  # noqa: BLE001  (a plugin's odd attribute, a read-only cache: no index, no harm)
         return
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file beside it (fsync, rename): readers see the old
-    file or the new one, never part of one."""
-    from .cache import cache_dir
-
-    cache_dir()  # creates the folder (or raises naming it)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------- names first

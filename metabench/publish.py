@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .episodes import episodes_sha256, eval_draws
 from .errors import MetabenchError
-from .files import write_atomic
+from .files import write_bytes_atomic
 from .leaderboard import settings_sha, trained_on_problem, training_task
 from .results import load_result, result_filename
 
@@ -142,7 +142,7 @@ def copy_new(source: Path, target: Path) -> Path:
         data = source.read_bytes()
     except OSError as exc:
         raise MetabenchError(f"{source}: cannot read: {exc.strerror or exc}") from None
-    return write_atomic(target, lambda fh: fh.write(data), exclusive=True, suffix=".json")
+    return write_bytes_atomic(target, data, exclusive=True, suffix=".json")
 
 
 def publish_report(paths: list[Path], host, dest: Path = DEFAULT_DEST, roots=None) -> list[tuple[Path, bool]]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MetabenchError
-from .files import write_atomic
+from .files import write_bytes_atomic
 from .settings import PRECISIONS
 
 SCHEMA_VERSION = 1
@@ -218,5 +218,4 @@ def write_result(doc: dict, out_dir: str | Path) -> Path:
     if not out.is_dir():
         raise MetabenchError(f"--out {out} is not a folder")
     text = json.dumps(doc, indent=1, sort_keys=False, allow_nan=False) + "\n"
-    return write_atomic(out / result_filename(doc), lambda fh: fh.write(text.encode("utf-8")), exclusive=True,
-                        suffix=".json")
+    return write_bytes_atomic(out / result_filename(doc), text.encode("utf-8"), exclusive=True, suffix=".json")

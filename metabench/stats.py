@@ -40,6 +40,13 @@ def summarize(values: Sequence[float]) -> Summary:
     return Summary(mean, std, n, half)
 
 
+def worst_episode(values: Sequence[float], higher_is_better: bool) -> tuple[float, int]:
+    """The worst per-episode value and its index (the lowest accuracy, the highest error; the first
+    such episode on a tie)."""
+    value = (min if higher_is_better else max)(values)
+    return value, list(values).index(value)
+
+
 @dataclass(frozen=True)
 class PairedComparison:
     """A - B on identical episodes: mean difference, paired t-test and Wilcoxon signed-rank test.
