@@ -28,31 +28,18 @@ import torch
 from PIL import Image
 
 import metabench.plugins
-from metabench import Learner, Protocol, hookimpl
+from metabench import Protocol, hookimpl
 from metabench.cli import main
 
+from _doubles import ZeroLogits
 from conftest import TinySource, host_with, tiny_plugin
 
 
 # ----------------------------------------------------------------------------- the test plugin
 
-class WrongShape(Learner):
+class WrongShape(ZeroLogits):
     """Trains (nothing), then predicts logits of the wrong shape: its run fails in evaluation and
     keeps what ``--resume`` continues from (run.pt, evaluation.pt)."""
-
-    reference = "test double"
-
-    @dataclass
-    class Config:
-        steps: int = 1
-
-    budgets = {"smoke": {}, "quick": {}, "paper": {}}
-
-    def meta_train(self, ctx):
-        pass
-
-    def predict(self, support_x, support_y, query_x):
-        return query_x.new_zeros(len(query_x), 2)
 
 
 class BadInputPlugin:

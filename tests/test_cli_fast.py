@@ -19,6 +19,7 @@ from metabench import plugin_index
 from metabench.plugin_index import (INDEX_NAME, _dependencies, _stat, check_names, describe, fingerprint,
                                     fresh_index, read_index)
 
+import _doubles
 from conftest import host_with, run_cli, tiny_plugin
 
 #: metabench.cli.main in a fresh process; stderr's last line says whether torch was imported
@@ -52,28 +53,17 @@ def command(tmp: Path, *argv: str, plugins: str | None = None, path: Path | None
     return proc.returncode, proc.stdout, "\n".join(err), last.endswith("True")
 
 
-PLUGIN = '''
-from dataclasses import dataclass
+#: fastplug/plugin.py: the source of tests/_doubles.py (an installed plugin cannot import the tests),
+#: then one learner per name of fastplug/names.py
+PLUGIN = Path(_doubles.__file__).read_text() + '''
 
-from metabench import Learner, hookimpl
+from metabench import hookimpl
 from fastplug.names import NAMES
 
 
 def learner(name):
-    class Toy(Learner):
+    class Toy(ZeroLogits):
         reference = "Doe & Roe. A learner named " + name + ". 2031."
-
-        @dataclass
-        class Config:
-            steps: int = 1
-
-        budgets = {"smoke": {}, "quick": {}, "paper": {}}
-
-        def meta_train(self, ctx):
-            pass
-
-        def predict(self, support_x, support_y, query_x):
-            return query_x.new_zeros(len(query_x), 2)
 
     return Toy
 

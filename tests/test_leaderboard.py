@@ -4,7 +4,6 @@ Result documents are made synthetically (valid per ``schema_problems``), never b
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
@@ -21,7 +20,7 @@ from metabench.leaderboard import build, check, fmt_mean_ci, generate, holm
 from metabench.results import result_filename, schema_problems, write_result
 from metabench.stats import summarize
 
-from conftest import TINY, TinySource, ToyLearner, host_with
+from conftest import TINY, TinySource, ToyLearner, error_line, host_with, run_cli
 
 SHA_A, SHA_B = "a" * 64, "b" * 64
 
@@ -112,21 +111,21 @@ def test_check_cli_exits_1_and_build_removes_stale_tables(lb, capsys):
     out, results = lb
     standard(results)
     args = ["--results", str(results), "--out", str(out)]
-    assert lb_cli(capsys, "leaderboard", "build", *args)[0] == 0
-    assert lb_cli(capsys, "leaderboard", "check", *args)[0] == 0
+    assert run_cli(capsys, "leaderboard", "build", *args)[0] == 0
+    assert run_cli(capsys, "leaderboard", "check", *args)[0] == 0
     for p in (results / "kanji-5w5s").rglob("*.json"):
         p.unlink()
-    code, _, err = lb_cli(capsys, "leaderboard", "check", *args)
+    code, _, err = run_cli(capsys, "leaderboard", "check", *args)
     assert code == 1 and f"{out / 'kanji-5w5s.md'}: no result backs it" in err
-    code, stdout, _ = lb_cli(capsys, "leaderboard", "build", *args)
+    code, stdout, _ = run_cli(capsys, "leaderboard", "build", *args)
     assert code == 0 and "removed" in stdout and not (out / "kanji-5w5s.md").exists()
-    assert lb_cli(capsys, "leaderboard", "check", *args)[0] == 0
+    assert run_cli(capsys, "leaderboard", "check", *args)[0] == 0
 
 
 def test_invalid_result_file_is_named(lb, capsys):
     out, results = lb
     (results / "broken.json").write_text("{}")
-    code, _, err = lb_cli(capsys, "leaderboard", "build", "--results", str(results), "--out", str(out))
+    code, _, err = run_cli(capsys, "leaderboard", "build", "--results", str(results), "--out", str(out))
     assert code == 2 and "broken.json" in err and "not a valid metabench result" in err
 
 
@@ -405,17 +404,17 @@ def save(doc: dict, folder: Path, name: str) -> Path:
 def test_publish_copies_a_valid_result(tiny_only, tmp_path, capsys):
     src = save(tiny_doc(), tmp_path / "runs", "r.json")
     dest = tmp_path / "lb" / "results"
-    code, stdout, err = lb_cli(capsys, "publish", str(src), "--to", str(dest))
+    code, stdout, err = run_cli(capsys, "publish", str(src), "--to", str(dest))
     assert code == 0, err
     (copied,) = (dest / "tiny-3w2s" / "toy").glob("*.json")
     assert copied.read_bytes() == src.read_bytes() and copied.name == result_filename(tiny_doc())
     before = copied.stat()
-    code, stdout, err = lb_cli(capsys, "publish", str(src), "--to", str(dest))  # the same result again: a no-op
+    code, stdout, err = run_cli(capsys, "publish", str(src), "--to", str(dest))  # the same result again: a no-op
     assert code == 0 and f"already published: {src} is {copied}" in stdout, err
     assert len(list(dest.rglob("*.json"))) == 1 and copied.stat().st_mtime_ns == before.st_mtime_ns
     other = save(tiny_doc(**{"timing.eval_s": 99.0}), tmp_path / "runs", "other.json")
-    code, _, err = lb_cli(capsys, "publish", str(other), "--to", str(dest))  # the same run with other values
-    assert code == 2 and "already holds seed 0" in one_error_line(err)
+    code, _, err = run_cli(capsys, "publish", str(other), "--to", str(dest))  # the same run with other values
+    assert code == 2 and "already holds seed 0" in error_line(err)
     assert len(list(dest.rglob("*.json"))) == 1
     build([dest], tmp_path / "lb")
     assert check([dest], tmp_path / "lb") == []
@@ -433,8 +432,8 @@ def test_publish_refuses_with_the_reason_and_copies_nothing(tiny_only, tmp_path,
     good = save(tiny_doc(), tmp_path / "runs", "good.json")
     bad = save(tiny_doc(**changes), tmp_path / "runs", "bad.json")
     dest = tmp_path / "results"
-    code, _, err = lb_cli(capsys, "publish", str(good), str(bad), "--to", str(dest))
-    line = one_error_line(err)
+    code, _, err = run_cli(capsys, "publish", str(good), str(bad), "--to", str(dest))
+    line = error_line(err)
     assert code == 2 and "bad.json: refused:" in line and fragment in line, line
     assert not dest.exists()
 
@@ -442,8 +441,8 @@ def test_publish_refuses_with_the_reason_and_copies_nothing(tiny_only, tmp_path,
 def test_publish_refuses_a_result_of_an_older_task_version(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(metabench.plugins, "_HOST", host_with(("tiny", tiny_plugin_v(2)), builtins=False))
     src = save(tiny_doc(), tmp_path, "old.json")  # made with v1
-    code, _, err = lb_cli(capsys, "publish", str(src), "--to", str(tmp_path / "results"))
-    assert code == 2 and "older version of task tiny-3w2s (v1; installed: v2)" in one_error_line(err)
+    code, _, err = run_cli(capsys, "publish", str(src), "--to", str(tmp_path / "results"))
+    assert code == 2 and "older version of task tiny-3w2s (v1; installed: v2)" in error_line(err)
     assert not (tmp_path / "results").exists()
 
 
@@ -467,50 +466,23 @@ def test_publish_keeps_a_cross_task_result_apart_from_the_same_task_run(tiny_onl
     same = save(tiny_doc(), tmp_path / "runs", "same.json")
     cross = save(tiny_doc(trained_on={"task": "other-3w2s", "version": 1, "image_size": 28}), tmp_path / "runs",
                  "cross.json")
-    code, _, err = lb_cli(capsys, "publish", str(same), str(cross), "--to", str(dest))
+    code, _, err = run_cli(capsys, "publish", str(same), str(cross), "--to", str(dest))
     assert code == 0, err
     assert len(list(dest.rglob("*.json"))) == 2  # the same learner and seed: not a duplicate
-    code, stdout, err = lb_cli(capsys, "publish", str(cross), "--to", str(dest))  # the cross-task result again
+    code, stdout, err = run_cli(capsys, "publish", str(cross), "--to", str(dest))  # the cross-task result again
     assert code == 0 and "already published" in stdout, err
     again = save(tiny_doc(trained_on={"task": "other-3w2s", "version": 1, "image_size": 28},
                           **{"timing.eval_s": 99.0}), tmp_path / "runs", "again.json")
-    code, _, err = lb_cli(capsys, "publish", str(again), "--to", str(dest))  # that run with other values
-    assert code == 2 and "already holds seed 0" in one_error_line(err)
+    code, _, err = run_cli(capsys, "publish", str(again), "--to", str(dest))  # that run with other values
+    assert code == 2 and "already holds seed 0" in error_line(err)
     for bad, fragment in (({"task": "../x"}, "training task name '../x'"), ("other-3w2s", "trained_on must be")):
         path = save(tiny_doc(trained_on=bad), tmp_path / "runs", "bad.json")
-        code, _, err = lb_cli(capsys, "publish", str(path), "--to", str(dest))
-        assert code == 2 and fragment in one_error_line(err)
+        code, _, err = run_cli(capsys, "publish", str(path), "--to", str(dest))
+        assert code == 2 and fragment in error_line(err)
     assert len(list(dest.rglob("*.json"))) == 2
     build([dest], tmp_path / "lb")
     sections = board(tmp_path / "lb", "tiny-3w2s")["sections"]
     assert [s["trained_on"] for s in sections] == [None, "other-3w2s"]
-
-
-# -- helpers ----------------------------------------------------------------------------------
-def lb_cli(capsys, *argv):
-    """Run a leaderboard/publish command through ``metabench.cli.main`` once it is wired in, else alone."""
-    from metabench import cli
-    from metabench.cli_leaderboard import add_parsers, cmd_leaderboard, cmd_publish
-
-    if "leaderboard" in cli.COMMANDS:
-        code = cli.main(list(argv))
-    else:
-        parser = argparse.ArgumentParser(prog="metabench")
-        add_parsers(parser.add_subparsers(dest="command", required=True))
-        args = parser.parse_args(list(argv))
-        try:
-            code = {"leaderboard": cmd_leaderboard, "publish": cmd_publish}[args.command](args)
-        except MetabenchError as exc:
-            print(f"metabench: error: {exc}", file=__import__("sys").stderr)
-            code = 2
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_error_line(err: str) -> str:
-    lines = [x for x in err.splitlines() if x.startswith("metabench: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def test_each_row_shows_its_median_and_worst_episode_so_an_outlier_is_seen(lb):
