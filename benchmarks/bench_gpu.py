@@ -131,7 +131,8 @@ def ceilings(args) -> dict:
 def maml_classes():
     from benchmarks import maml_variants as mv
 
-    classes = [(c, {}) for c in (mv.MetabenchLoop, mv.MetabenchVmap, mv.MetabenchPerTask, mv.MetabenchCheckpointed,
+    classes = [(c, {}) for c in (mv.MetabenchLoop, mv.MetabenchVmap, mv.MetabenchGrouped, mv.MetabenchPerTask,
+                                 mv.MetabenchCheckpointed,
                                  mv.MetabenchChannelsLast, mv.FunctionalFused, mv.GroupedTasks)]
     notes = []
     for module, cls in (("learn2learn", mv.Learn2Learn), ("higher", mv.Higher)):
@@ -151,7 +152,8 @@ def maml_steps(args, peak_fp32: float, peak_tf32: float) -> dict:
 
     dev = args.device
     classes, notes = maml_classes()
-    batching = {mv.MetabenchLoop, mv.MetabenchVmap, mv.MetabenchPerTask, mv.GroupedTasks, mv.Learn2Learn}
+    batching = {mv.MetabenchLoop, mv.MetabenchVmap, mv.MetabenchGrouped, mv.MetabenchPerTask, mv.GroupedTasks,
+                mv.Learn2Learn}
     if args.quick:
         configs = [(16, 4, 1, 1, 2)]
     else:

@@ -103,6 +103,19 @@ class MetabenchCheckpointed(Variant):
                            self.steps, checkpoint=True)
 
 
+class MetabenchGrouped(Variant):
+    """``stacked_meta_loss(convolutions=True)`` (MAML's ``task_batching = "grouped"``): the tasks as
+    the groups of one grouped convolution per layer."""
+
+    name = "metabench grouped"
+
+    def backward(self):
+        from metabench.stacked_tasks import stacked_meta_loss
+
+        params = dict(self.model.named_parameters())
+        stacked_meta_loss(self.model, params, self.tasks, self.inner_lr, self.steps, convolutions=True).backward()
+
+
 class MetabenchVmap(Variant):
     """``maml_meta_loss_vmap``: the meta-batch in one ``torch.func.vmap``."""
 
@@ -331,6 +344,6 @@ class TorchOpt(Variant):
             to.recover_state_dict(self.inner_opt, opt_state)
 
 
-OURS = [MetabenchLoop, MetabenchVmap, MetabenchPerTask, MetabenchCheckpointed]
+OURS = [MetabenchLoop, MetabenchVmap, MetabenchGrouped, MetabenchPerTask, MetabenchCheckpointed]
 ATTEMPTS = [MetabenchChannelsLast, MetabenchNoMkldnn, Functional, FunctionalChannelsLast, FunctionalFused, FunctionalPoolFirst,
             FunctionalBasicBN, GroupedTasks]

@@ -193,7 +193,8 @@ def learner_meta_grad(problem: str, **options):
 
 
 @pytest.mark.parametrize("problem", ["classification", "regression"])
-@pytest.mark.parametrize("options", [dict(task_batching="vmap"), dict(per_task_backward=True),
+@pytest.mark.parametrize("options", [dict(task_batching="vmap"), dict(per_task_backward=True), dict(task_batching="grouped"),
+                                     dict(first_order=True, task_batching="grouped"),
                                      dict(inner_checkpoint=True), dict(first_order=True, per_task_backward=True),
                                      dict(first_order=True, task_batching="vmap")])
 def test_maml_learner_options_give_the_loops_meta_gradient(problem, options):
@@ -205,7 +206,8 @@ def test_maml_learner_options_give_the_loops_meta_gradient(problem, options):
 
 
 @pytest.mark.parametrize("options,message", [
-    (dict(task_batching="groups"), "task_batching must be one of auto, loop, vmap, stacked"),
+    (dict(task_batching="groups"), "task_batching must be one of auto, loop, vmap, stacked, grouped"),
+    (dict(task_batching="grouped", per_task_backward=True), "cannot be combined"),
     (dict(task_batching="vmap", inner_checkpoint=True), "cannot be combined"),
     (dict(inner_checkpoint=True, first_order=True), "second-order"),
     (dict(per_task_backward="yes"), "true or false"),
@@ -217,20 +219,23 @@ def test_maml_learner_rejects_impossible_options(options, message):
 
 @pytest.mark.parametrize("learner_name,device,options,expected", [
     ("maml", "cpu", {}, "loop"),
-    ("maml", "cuda", {}, "vmap"),
+    ("maml", "cuda", {}, "grouped"),  # conv4: one grouped convolution per layer for the meta-batch
+    ("metasgd", "cuda", {}, "grouped"),
+    ("maml", "cuda", dict(task_batching="vmap"), "vmap"),
     ("maml", "cuda", dict(per_task_backward=True), "loop"),
     ("maml", "cuda", dict(inner_checkpoint=True), "loop"),
     ("anil", "cuda", {}, "loop"),  # ANIL computes its own meta-loss
     ("maml", "cpu", dict(task_batching="vmap"), "vmap"),
 ])
-def test_task_batching_auto_picks_vmap_on_cuda_only(learner_name, device, options, expected):
+def test_task_batching_auto_picks_grouped_or_vmap_on_cuda_only(learner_name, device, options, expected):
     """The default ``task_batching = "auto"`` resolves per device (checked without a GPU: the
     resolution reads only ``learner.device``); what it resolved to is what the result records."""
     from metabench_plugins.learners.anil import ANIL
     from metabench_plugins.datasets.kanji import protocols
     from metabench_plugins.learners.maml import MAML
+    from metabench_plugins.learners.metasgd import MetaSGD
 
-    cls = {"maml": MAML, "anil": ANIL}[learner_name]
+    cls = {"maml": MAML, "anil": ANIL, "metasgd": MetaSGD}[learner_name]
     protocol = next(p for p in protocols() if p.name == "kanji-5w1s")
     learner = cls(cls.Config(**options), conv4(1, 28, width=4), protocol, torch.device("cpu"))
     learner.config.task_batching = options.get("task_batching", "auto")
@@ -273,3 +278,47 @@ def test_gpu_check_dry_runs_on_a_cpu(tmp_path):
     assert summary["repeat_protonet"]["trained_state_identical"] is True
     assert summary["eval_batch"]["identical"] and summary["eval_batch"]["batch"] == [1, 16]
     assert summary["bf16"]["precision"] == "bf16"
+
+
+def test_grouped_needs_a_plain_chain_of_convolutions_and_cuda_falls_back_to_vmap():
+    """ResNet-12 (residual blocks, not a chain) is not groupable: ``grouped`` is refused naming what it
+    needs, and ``auto`` on CUDA takes vmap there."""
+    from metabench.stacked_tasks import groupable
+    from metabench_plugins.backbones.resnet12 import resnet12
+    from metabench_plugins.datasets.kanji import protocols
+    from metabench_plugins.learners.maml import MAML
+
+    protocol = next(p for p in protocols() if p.name == "kanji-5w1s")
+    model, _ = tiny_maml()
+    assert groupable(model)
+    with pytest.raises(ValueError, match="grouped\" needs a plain chain of convolutions"):
+        MAML(MAML.Config(task_batching="grouped"), resnet12(1, 28), protocol, torch.device("cpu"))
+    learner = MAML(MAML.Config(), resnet12(1, 28), protocol, torch.device("cpu"))
+    assert not groupable(learner.model)
+    learner.config.task_batching, learner.device = "auto", torch.device("cuda")
+    learner.check_meta_gradient_options("maml")
+    assert learner.config.task_batching == "vmap"
+    assert not groupable(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten()))  # running statistics
+    assert not groupable(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), nn.Flatten()))
+    assert not groupable(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))  # no convolution: that is "stacked"
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_grouped_meta_gradient_equals_loop_with_grouped_convolutions_and_metasgd_step_sizes(first_order):
+    """A conv layer with groups=2 and stride 2, average pooling, and Meta-SGD's per-element step
+    sizes (a mapping): the grouped forward's meta-loss and meta-gradient are the loop's in float64."""
+    from metabench.stacked_tasks import stacked_meta_loss
+
+    torch.manual_seed(0)
+    model = batch_statistics_only(nn.Sequential(
+        nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2)),
+        nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), nn.BatchNorm2d(6), nn.ELU(), nn.AvgPool2d(2)),
+        nn.Flatten(), nn.Linear(24, 5), nn.Tanh(), nn.Linear(5, 3))).double()
+    params = dict(model.named_parameters())
+    steps = {n: torch.rand_like(p) * 0.3 for n, p in params.items()}
+    tasks = tiny_tasks(n=3)
+    loss_loop, g_loop = meta_grad(lambda: maml_meta_loss(model, params, tasks, steps, 2, first_order), params)
+    loss, grads = meta_grad(lambda: stacked_meta_loss(model, params, tasks, steps, 2, first_order,
+                                                      convolutions=True), params)
+    assert torch.allclose(loss, loss_loop, rtol=0, atol=1e-12)
+    assert_close(grads, g_loop, 1e-10)

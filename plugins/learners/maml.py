@@ -52,7 +52,7 @@ from . import paper_config
 CONFIGS = Path(__file__).parent  # the paper configs (*.toml) are installed beside the learners
 
 
-TASK_BATCHING = ("auto", "loop", "vmap", "stacked")
+TASK_BATCHING = ("auto", "loop", "vmap", "stacked", "grouped")
 
 
 @dataclass
@@ -78,10 +78,13 @@ class MAMLConfig:
                       meta-gradient; speed on CPU and GPU in benchmarks/RESULTS.md); "stacked":
                       fully connected models only (the ``mlp`` backbone), every task's copy of the
                       weights stacked and each layer one batched matrix product
-                      (:mod:`metabench.stacked_tasks`; the same meta-gradient); "auto" (default):
-                      "stacked" where the model allows it, else "vmap" on a CUDA device, else
-                      "loop"; always "loop" when per_task_backward or inner_checkpoint is set
-                      (the result records which one ran)
+                      (:mod:`metabench.stacked_tasks`; the same meta-gradient); "grouped": a
+                      plain chain of convolutions (conv4), the meta-batch's tasks side by side
+                      as the groups of one grouped convolution per layer (the same
+                      meta-gradient); "auto" (default): "stacked" where the model allows it,
+                      else on a CUDA device "grouped" where the model allows it and "vmap"
+                      otherwise, else "loop"; always "loop" when per_task_backward or
+                      inner_checkpoint is set (the result records which one ran)
     per_task_backward: differentiate each task's query loss as soon as its inner loop is done,
                       so one task's graph is alive at a time instead of the meta-batch's (the
                       same meta-gradient, less memory)
@@ -114,7 +117,7 @@ class MAML(Learner):
     precisions = frozenset({"fp32", "bf16"})  # bf16 only first order (refuses_precision)
     Config = MAMLConfig
     #: The ``task_batching`` values this learner's meta-loss implements.
-    task_batchings = frozenset({"loop", "vmap", "stacked"})
+    task_batchings = frozenset({"loop", "vmap", "stacked", "grouped"})
     reference = "Finn, Abbeel & Levine. Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks. ICML 2017."
     paper_config = CONFIGS / "maml.toml"
     #: Values of the settings left at 0, per problem type; ``train_queries: "shots"`` means as many
@@ -184,6 +187,9 @@ class MAML(Learner):
                 c.task_batching = "loop"
             elif "stacked" in can and can_stack(self.model, self.loss):
                 c.task_batching = "stacked"
+            elif torch.device(self.device).type == "cuda" and "grouped" in can and can_stack(self.model, self.loss,
+                                                                                          convolutions=True):
+                c.task_batching = "grouped"  # benchmarks/RESULTS.md, section 6: faster than vmap where it applies
             elif "vmap" in can and torch.device(self.device).type == "cuda":
                 c.task_batching = "vmap"
             else:
@@ -194,6 +200,10 @@ class MAML(Learner):
         if c.task_batching == "stacked" and not can_stack(self.model, self.loss):
             raise ValueError(f"{name}: task_batching = \"stacked\" needs a fully connected backbone (Linear, "
                              "Flatten and element-wise layers, e.g. mlp) and a cross-entropy or squared-error loss")
+        if c.task_batching == "grouped" and not can_stack(self.model, self.loss, convolutions=True):
+            raise ValueError(f"{name}: task_batching = \"grouped\" needs a plain chain of convolutions (Conv2d, "
+                             "BatchNorm2d, pooling and element-wise layers, then Flatten and Linear layers, e.g. "
+                             "conv4) and a cross-entropy or squared-error loss")
         if per_task and type(self).meta_loss is not MAML.meta_loss:
             raise ValueError(f"{name}: per_task_backward and inner_checkpoint are MAML's options; "
                              f"{name} computes its own meta-loss")
@@ -220,9 +230,9 @@ class MAML(Learner):
         """The meta-loss of a meta-batch; its gradient is the meta-gradient of the optimised tensors."""
         c = self.config
         lr = self.inner_step_sizes()
-        if c.task_batching == "stacked":
+        if c.task_batching in ("stacked", "grouped"):
             return stacked_meta_loss(self.model, self.meta_params(), tasks, lr, c.inner_steps, c.first_order,
-                                     self.loss)
+                                     self.loss, convolutions=c.task_batching == "grouped")
         if c.task_batching == "vmap":
             from .maml_vmap import maml_meta_loss_vmap
 

@@ -45,7 +45,7 @@ class MetaSGDConfig:
     first_order:      do not differentiate through the inner gradient (alpha is still learned)
     train_shots:      support examples per class (regression: points) in training tasks; 0 = the protocol's
     train_queries:    queries per class (regression: points) in training tasks
-    task_batching:    "loop", "stacked" (fully connected backbones) or "auto"; as MAML's
+    task_batching:    "loop", "stacked" (fully connected backbones), "grouped" (conv4-like backbones) or "auto"; as MAML's
     """
 
     meta_steps: int = setting(0, min=0)
@@ -65,7 +65,7 @@ class MetaSGD(MAML):
     """Meta-SGD (Li et al., 2017): MAML with a meta-learned step size for every parameter element."""
 
     Config = MetaSGDConfig
-    task_batchings = frozenset({"loop", "stacked"})  # vmap takes one step size for every parameter
+    task_batchings = frozenset({"loop", "stacked", "grouped"})  # vmap takes one step size for every parameter
     reference = ("Li, Zhou, Chen & Li. Meta-SGD: Learning to Learn Quickly for Few-Shot Learning. "
                  "arXiv:1707.09835, 2017.")
     paper_config = CONFIGS / "metasgd.toml"
