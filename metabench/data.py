@@ -40,7 +40,7 @@ import torch
 
 from .cache import cache_dir
 from .errors import MetabenchError
-from .files import cannot_write, write_atomic
+from .files import cannot_write, write_atomic, write_bytes_atomic
 from .task import ClassImageSource
 
 DATA_ENV = "METABENCH_DATA"
@@ -341,7 +341,7 @@ def _write_cache(key: str, shape: Sequence[int], chunks: Callable[[], Iterable[n
     def write_description() -> None:  # between the array's fsync and its rename: both files or neither
         description = {"classes": list(classes), "sizes": list(sizes), "sha256": digest.hexdigest(),
                        "shape": list(shape), "source": source, "extra": extra}
-        write_atomic(meta, lambda fh: fh.write(json.dumps(description, indent=1).encode()))
+        write_bytes_atomic(meta, json.dumps(description, indent=1).encode())
         meta_written.append(meta)
 
     try:
@@ -351,6 +351,14 @@ def _write_cache(key: str, shape: Sequence[int], chunks: Callable[[], Iterable[n
             path.unlink(missing_ok=True)
         raise
     _VERIFIED.add(_identity(npy, digest.hexdigest()))  # hashed while written: no need to read it back
+
+
+def _open_written(key: str) -> CachedImages:
+    """The cache ``key`` just written by :func:`_write_cache`, opened (a MetabenchError if it does not verify)."""
+    found, problem = inspect_image_cache(key)
+    if found is None:
+        raise MetabenchError(f"cache {cache_paths(key)[0]} does not verify right after it was built ({problem})")
+    return found
 
 
 def build_image_cache(key: str, listing: ImageList, size: int, channels: int,
@@ -380,10 +388,7 @@ def build_image_cache(key: str, listing: ImageList, size: int, channels: int,
 
     _write_cache(key, (total, channels, size, size), chunks, list(listing.classes), listing.sizes(),
                  listing.fingerprint(), None)
-    found, problem = inspect_image_cache(key)
-    if found is None:
-        raise MetabenchError(f"cache {cache_paths(key)[0]} does not verify right after it was built ({problem})")
-    return found
+    return _open_written(key)
 
 
 def write_image_cache(key: str, images: np.ndarray, classes: Sequence[str], sizes: Sequence[int], source: str,
@@ -399,10 +404,7 @@ def write_image_cache(key: str, images: np.ndarray, classes: Sequence[str], size
     step = max(1, _HASH_CHUNK // max(1, images[0].nbytes)) if len(images) else 1
     _write_cache(key, images.shape, lambda: (images[i:i + step] for i in range(0, len(images), step)),
                  classes, sizes, source, extra)
-    found, problem = inspect_image_cache(key)
-    if found is None:
-        raise MetabenchError(f"cache {cache_paths(key)[0]} does not verify right after it was built ({problem})")
-    return found
+    return _open_written(key)
 
 
 class FolderImageSource(ClassImageSource):

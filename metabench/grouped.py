@@ -42,13 +42,7 @@ class GroupedEpisodes:
         groups = self._groups(split, ways, shots + queries)
         group = groups[rng.below(len(groups))]
         classes = [group[i] for i in rng.sample(len(group), ways)]
-        sizes, offsets = self.class_sizes(split), self.offsets(split)
-        support: list[int] = []
-        query: list[int] = []
-        for rows in rng.samples([(sizes[c], shots + queries) for c in classes], [offsets[c] for c in classes]):
-            support += rows[:shots]
-            query += rows[shots:]
-        return EpisodeDraw(tuple(classes), tuple(support), tuple(query))
+        return self._draw_examples(rng, classes, self.class_sizes(split), self.offsets(split), shots, queries)
 
     def draw_many(self, rng: SplitMix64, split: str, n: int, ways: int, shots: int, queries: int) -> list[EpisodeDraw]:
         return [self.draw(rng, split, ways, shots, queries) for _ in range(n)]

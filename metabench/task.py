@@ -259,9 +259,14 @@ class ClassImageSource(DataSource):
                     f"class {c} of split {split!r} has {sizes[c]} examples; "
                     f"{shots} shots + {queries} queries need {shots + queries}"
                 )
+        return self._draw_examples(rng, classes, sizes, offsets, shots, queries)
+
+    @staticmethod
+    def _draw_examples(rng: SplitMix64, classes: Sequence[int], sizes: Sequence[int], offsets: Sequence[int],
+                       shots: int, queries: int) -> EpisodeDraw:
+        """The episode of the chosen ``classes``: each class's shots + queries examples (as rows of
+        the split), all classes' picks in one vectorised pass, the same stream as one sample() per class."""
         support, query = [], []
-        # the classes' picks (as rows of the split) in one vectorised pass: the same stream as
-        # one sample() per class
         for rows in rng.samples([(sizes[c], shots + queries) for c in classes], [offsets[c] for c in classes]):
             support += rows[:shots]
             query += rows[shots:]

@@ -163,7 +163,9 @@ class TaskFileSource(FolderImageSource):
     def error(self, message: str) -> MetabenchError:
         return MetabenchError(f"task file {self.spec.path}: {message} (expected {self.layout})")
 
-    def _read_mapping_file(self, path: Path, what: str) -> dict:
+    def _read_mapping_file(self, path: Path, what: str) -> object:
+        """The JSON (``.json``) or else TOML document of ``path``: the split file or the groups file
+        (``what`` names which in the one-line error)."""
         try:
             text = path.read_text(encoding="utf-8")
             return json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
@@ -266,8 +268,10 @@ class GroupedTaskFileSource(GroupedEpisodes, TaskFileSource):
 def load_task_file(path: str | Path) -> tuple[Protocol, TaskFileSource]:
     """The protocol and data source of a task file (the folder is listed and checked now)."""
     spec = read_task_file(path)
-    source = (GroupedTaskFileSource if spec.groups_file is not None else TaskFileSource)(spec)
-    if isinstance(source, GroupedTaskFileSource):
+    if spec.groups_file is None:
+        source = TaskFileSource(spec)
+    else:
+        source = GroupedTaskFileSource(spec)
         source.check_groups(spec.ways, spec.shots, spec.queries)
     identity = source.listing_sha256()
     protocol = Protocol(name=f"{spec.name}-{spec.ways}w{spec.shots}s", version=1, dataset=spec.name, ways=spec.ways,

@@ -24,7 +24,7 @@ of two :class:`RenderStyle` s, each its own data set with its own cache file and
 Each style renders every instance from its strokes the same way. Each cubic Bézier is flattened into ``SEGMENTS_PER_CUBIC``
 line segments and each pixel's ink is ``clip(halfwidth + 0.5 - distance to nearest segment, 0, 1)``.
 Only numpy float64 + - * / sqrt, min/max and clip are used (no libm, no BLAS, no sums whose order
-could vary), so the bytes are identical on every machine; ``RENDER_SHA256`` checks that.
+could vary), so the bytes are identical on every machine; each style's ``sha256`` checks that.
 
 Images: uint8 ``[n_classes * 20, 1, 28, 28]``, ink 255 on black 0, classes contiguous.
 All 2,340 classes (train, val, test order) are rendered once per style into the cache folder as
@@ -276,11 +276,15 @@ def make_splits(folder: Path | None = None) -> dict[str, list[str]]:
     return out
 
 
+def _canonical_sha256(doc) -> str:
+    """SHA-256 of the canonical JSON of ``doc``: sorted keys, no spaces, UTF-8."""
+    canonical = json.dumps(doc, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
 def splits_digest(splits: dict[str, list[str]]) -> str:
     """SHA-256 of the canonical JSON (sorted keys, no spaces, UTF-8) of the three split lists."""
-    canonical = json.dumps({s: list(splits[s]) for s in SPLITS}, ensure_ascii=False,
-                           sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return _canonical_sha256({s: list(splits[s]) for s in SPLITS})
 
 
 def write_splits(path: Path = SPLITS_FILE) -> str:
@@ -348,8 +352,8 @@ def radical_of(code_point: int, folder: Path | None = None) -> str | None:
 
 
 def radicals_digest(radicals: dict[str, str | None]) -> str:
-    canonical = json.dumps(radicals, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    """SHA-256 of the canonical JSON (sorted keys, no spaces, UTF-8) of the class -> radical map."""
+    return _canonical_sha256(radicals)
 
 
 def write_radicals(path: Path = RADICALS_FILE) -> str:
@@ -536,11 +540,6 @@ def _open_cached(path: Path, style: RenderStyle = KANJI) -> np.ndarray | None:
     return array
 
 
-def _write_atomic(path: Path, array: np.ndarray) -> None:
-    """Temp file, fsync, rename (metabench.files): a full disk or read-only cache folder is one line."""
-    write_atomic(path, lambda handle: np.save(handle, array, allow_pickle=False))
-
-
 def load_all(progress: Callable[[int, int], None] | None = None, style: RenderStyle = KANJI) -> np.ndarray:
     """All classes (train, val, test) in ``style``, verified, read-only memory map: uint8
     ``[46800, 1, 28, 28]``.
@@ -561,7 +560,8 @@ def load_all(progress: Callable[[int, int], None] | None = None, style: RenderSt
             f"rendered {style.dataset} data has SHA-256 {digest}, expected {style.sha256}: rendering is not "
             f"bit-identical on this machine (kanjivg {KANJIVG_VERSION} required, {style.dataset} version "
             f"{style.version})")
-    _write_atomic(path, array)
+    # temp file, fsync, rename: a full disk or read-only cache folder is one line
+    write_atomic(path, lambda handle: np.save(handle, array, allow_pickle=False))
     return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
