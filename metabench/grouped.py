@@ -47,12 +47,20 @@ class GroupedEpisodes:
     def draw_many(self, rng: SplitMix64, split: str, n: int, ways: int, shots: int, queries: int) -> list[EpisodeDraw]:
         return [self.draw(rng, split, ways, shots, queries) for _ in range(n)]
 
+    def set_roots(self, roots) -> None:
+        """As the source's own (where the data is), forgetting the eligible groups found in the old data."""
+        self.__dict__.pop("_eligible_groups", None)
+        super().set_roots(roots)
+
     def _groups(self, split: str, ways: int, need: int) -> list[list[int]]:
+        """:meth:`eligible_groups`, kept per (split, ways, need); none is a one-line error (never kept,
+        so asking again says the same)."""
         key = (split, ways, need)
         cache = self.__dict__.setdefault("_eligible_groups", {})
         if key not in cache:
-            cache[key] = self.eligible_groups(split, ways, need)
-            if not cache[key]:
+            groups = self.eligible_groups(split, ways, need)
+            if not groups:
                 raise MetabenchError(f"no group of split {split!r} has {ways} classes of at least {need} examples "
                                      f"for {ways}-way fine-grained episodes")
+            cache[key] = groups
         return cache[key]

@@ -55,8 +55,20 @@ def test_too_many_ways_for_any_family_is_refused():
     _, source, _ = HOST.task("kanji_radical-5w1s")
     from metabench.rng import SplitMix64
 
-    with pytest.raises(MetabenchError, match="no group of split 'val' has 40 classes"):
-        source.draw(SplitMix64(0), "val", 40, 1, 1)
+    for _ in range(2):  # asked again in the same process (a sweep worker): the same one line, not a traceback
+        with pytest.raises(MetabenchError, match="no group of split 'val' has 40 classes"):
+            source.draw(SplitMix64(0), "val", 40, 1, 1)
+
+
+def test_new_data_roots_forget_the_eligible_groups():
+    _, source, _ = HOST.task("kanji_radical-5w1s")
+    from metabench.data import DataRoots
+    from metabench.rng import SplitMix64
+
+    source.draw(SplitMix64(0), "val", 5, 1, 1)
+    assert source.__dict__.get("_eligible_groups")
+    source.set_roots(DataRoots.from_settings())
+    assert not source.__dict__.get("_eligible_groups")
 
 
 def test_the_radical_file_is_checked_by_its_digest(monkeypatch):
