@@ -3,13 +3,18 @@ deterministic evaluation settings on CUDA, and ``--precision bf16`` training.
 
 On a CPU, ``--eval-batch N`` must give every episode the value one episode per call gives: the
 per-episode accuracies equal, the logits within 1e-5 (ProtoNet on kanji-5w1s, N = 1, 3 and 16 over
-20 episodes, so the last group is short), also sharded over ranks and resumed. The GPU side
+20 episodes, so the last group is short), also sharded over ranks and resumed. Every registered
+learner that overrides ``predict_batch`` (protonet, matchingnet, relationnet, baseline, baseline++,
+mtl, amtl, tamtl; found from the plugin host, so a new one is covered) is checked fresh (untrained)
+on 7 kanji-5w1s episodes in groups of 3: the same shapes, logits within 1e-5 and the same predicted
+classes as ``predict``; every inductive built-in must override it. The GPU side
 (deterministic cuDNN, no TF32) is checked here only as settings set and put back;
 benchmarks/gpu_check.sh runs it on a GPU.
 """
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +23,7 @@ import torch
 
 from conftest import TINY, ToyLearner, error_line, host_with, run_cli, tiny_plugin
 
-from metabench import hookimpl
+from metabench import Learner, hookimpl
 from metabench.checkpoint import identity_difference
 from metabench.config import read_toml
 from metabench.cross_task import evaluate_saved, load_saved_learner
@@ -28,7 +33,7 @@ from metabench.evaluation import Scores, evaluate
 from metabench.episodes import eval_draws
 from metabench.numerics import deterministic_cuda, evaluation_numerics, resolve_eval_batch, training_precision
 from metabench.results import schema_problems
-from metabench.runner import NoProgress, RunRequest, execute
+from metabench.runner import NoProgress, RunRequest, build_learner, execute, prepare
 
 TASK = "kanji-5w1s"
 
@@ -127,6 +132,85 @@ def test_an_evaluation_continued_midway_groups_what_is_left(trained, host):
     learner, plan, draws = saved_learner_and_draws(saved, host)
     start = Scores(plan.protocol.problem, result["per_episode"][:7], None, started=True)
     assert scored(learner, plan, draws, 4, start=start) == result["per_episode"]
+
+
+# ------------------------------------------------- every learner's predict_batch against its predict
+
+
+def batching_learners(host) -> list[str]:
+    """The registered learners whose class overrides ``Learner.predict_batch``."""
+    return sorted(e.name for e in host.learners if e.obj.predict_batch is not Learner.predict_batch)
+
+
+BATCHING = batching_learners(host_with())  # at collection: a learner that gains predict_batch is tested
+
+
+def fresh_learner_and_episodes(host, learner: str, episodes: int = 7):
+    """An untrained learner (quick budget's test-time settings, weights seeded) on kanji-5w1s and its
+    first ``episodes`` fixed test episodes."""
+    plan = prepare(RunRequest(learner=learner, task=TASK, budget="quick"), host)
+    torch.manual_seed(0)
+    built = build_learner(plan, host)
+    split = plan.protocol.eval_split
+    plan.source.prepare(split)
+    return built, [plan.source.materialize(d, split).to(plan.device)
+                   for d in eval_draws(plan.protocol, plan.source, split, episodes)]
+
+
+def alone_and_grouped(learner, episodes, batch: int):
+    """Each episode's ``predict`` and its ``predict_batch`` output in groups of ``batch`` (the last
+    group short), both under no_grad as the harness calls them."""
+    with torch.no_grad():
+        alone = [learner.predict(e.support_x, e.support_y, e.query_x) for e in episodes]
+        grouped = []
+        for i in range(0, len(episodes), batch):
+            grouped += learner.predict_batch([(e.support_x, e.support_y, e.query_x) for e in episodes[i:i + batch]])
+    return alone, grouped
+
+
+def test_every_builtin_inductive_learner_takes_several_episodes_per_call(host):
+    builtin = [e for e in host.learners if e.obj.__module__.startswith("metabench_plugins.")]
+    inductive = sorted(e.name for e in builtin if not e.obj.transductive)
+    assert {"protonet", "matchingnet", "baseline", "baseline++", "relationnet", "mtl", "amtl", "tamtl"} <= \
+        set(inductive)
+    assert [name for name in inductive if name not in batching_learners(host)] == []
+    assert set(inductive) <= set(BATCHING)
+
+
+@pytest.mark.parametrize("learner", BATCHING)
+def test_predict_batch_gives_what_predict_gives_per_episode(host, learner):
+    """A fresh learner, 7 test episodes in groups of 3 (3, 3, 1): per episode the same shape, logits
+    within 1e-5 and the same predicted classes (a grouped pick may differ only where predict's own
+    scores tie within that tolerance: an untrained relation module's scores are nearly flat)."""
+    built, episodes = fresh_learner_and_episodes(host, learner)
+    alone, grouped = alone_and_grouped(built, episodes, 3)
+    assert len(grouped) == len(alone) == 7
+    for a, b in zip(alone, grouped):
+        assert a.shape == b.shape
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+        picked = b.argmax(1)
+        differ = picked != a.argmax(1)
+        near_tie = a.gather(1, picked[:, None]).squeeze(1) >= a.max(1).values - 1e-5
+        assert bool((~differ | near_tie).all())
+        assert int(differ.sum()) == 0 or learner == "relationnet"
+
+
+def test_relationnet_scores_a_group_in_one_relation_forward_or_in_whole_episode_chunks(host, monkeypatch):
+    built, episodes = fresh_learner_and_episodes(host, "relationnet", episodes=3)
+    forwards = []
+    built.relation.register_forward_hook(lambda module, args, out: forwards.append(args[0].shape[0]))
+    alone, grouped = alone_and_grouped(built, episodes, 3)
+    pairs = [e.query_x.shape[0] * built.protocol.ways for e in episodes]  # [Q_i * ways] pairs per episode
+    assert forwards == [*pairs, sum(pairs)]  # predict: one episode's pairs; predict_batch: all in one forward
+    forwards.clear()
+    module = sys.modules[type(built).__module__]
+    per_episode = pairs[0] * 2 * built.map_shape[0] * built.map_shape[1] * built.map_shape[2]
+    monkeypatch.setattr(module, "RELATION_BATCH_ELEMENTS", 2 * per_episode)  # two episodes' pairs per forward
+    _, chunked = alone_and_grouped(built, episodes, 3)
+    assert forwards == [*pairs, pairs[0] + pairs[1], pairs[2]]  # predict_batch: two forwards, whole episodes
+    for a, b, c in zip(alone, grouped, chunked):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+        torch.testing.assert_close(c, b, atol=1e-5, rtol=0)
 
 
 @dataclass

@@ -52,6 +52,7 @@ from metabench import AttributeState, ClassImageSource, EpisodeDraw, Learner, ho
 from metabench.episodic import optimizer_step
 
 from metabench.adaptation import adapt
+from metabench.inference import embed_episodes
 from metabench.pooled import PooledBatches
 
 from . import paper_config
@@ -424,12 +425,30 @@ class MTL(Learner):
         n = support_x.shape[0]
         with torch.no_grad():
             feats = self.features(torch.cat([support_x, query_x]))
+        return self.adapt_and_score(feats[:n], support_y, feats[n:])
+
+    def predict_batch(self, episodes):
+        """:meth:`predict` of several episodes: every support and query image of all of them in one
+        forward of the extractor (eval-mode BatchNorm: each image's features as alone), then each
+        episode's base learner adapted from theta on its own support features, as :meth:`predict` does.
+
+        episodes: [(support_x [S_i, C, H, W], support_y [S_i], query_x [Q_i, C, H, W]), ...]
+        -> [logits [Q_i, ways], ...] in episode order. No parameter is changed.
+        """
+        with torch.no_grad():
+            embedded = embed_episodes(self.features, episodes)  # [(support [S_i, D], query [Q_i, D]), ...]
+        return [self.adapt_and_score(support_feats, support_y, query_feats)
+                for (support_feats, query_feats), (_, support_y, _) in zip(embedded, episodes)]
+
+    def adapt_and_score(self, support_feats, support_y, query_feats):
+        """Test time: a copy of theta adapted for ``eval_inner_steps`` first-order steps on the support
+        features [S, D] (grad enabled, even under ``no_grad``) -> its logits for the query features [Q, ways]."""
         with torch.enable_grad():
             params = {k: v.detach().requires_grad_(True) for k, v in self.head.named_parameters()}
-            adapted = adapt(self.head, params, feats[:n], support_y, self.config.inner_lr,
+            adapted = adapt(self.head, params, support_feats, support_y, self.config.inner_lr,
                             self.config.eval_inner_steps, first_order=True)
         with torch.no_grad():
-            return self.head_logits({k: v.detach() for k, v in adapted.items()}, feats[n:])
+            return self.head_logits({k: v.detach() for k, v in adapted.items()}, query_feats)
 
 
 @hookimpl

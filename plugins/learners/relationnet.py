@@ -42,10 +42,15 @@ from torch import nn
 
 from metabench import Learner, hookimpl, setting
 from metabench.episodic import train_on_episodes
+from metabench.inference import embed_episodes
 
 from . import paper_config
 
 _HEAD_LAYERS = (nn.Flatten, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+#: ``predict_batch``: the most pair-tensor elements (float32: 1 GiB) sent through the relation
+#: module in one forward; the pairs of more episodes than that go in several (always whole episodes)
+RELATION_BATCH_ELEMENTS = 2 ** 28
 
 
 def feature_map_network(module: nn.Module, unpooled_blocks: int) -> nn.Sequential | None:
@@ -228,6 +233,36 @@ class RelationNet(Learner):
         self.train_mode(False)  # running BatchNorm statistics: queries do not influence each other
         with torch.no_grad():
             return self.scores(support_x, support_y, query_x, self.protocol.ways)
+
+    def predict_batch(self, episodes):
+        """:meth:`predict` of several episodes: every support and query image of all of them in one
+        forward of the embedding module, then every episode's (class, query) pairs through the relation
+        module together (eval-mode BatchNorm: each row is scored on its own, as alone).
+
+        episodes: [(support_x [S_i, C, H, W], support_y [S_i], query_x [Q_i, C, H, W]), ...]
+        -> [relation scores [Q_i, ways], ...] in episode order. The pairs ([Q_i * ways, 2C, h, w] per
+        episode) are concatenated along the rows, up to ``RELATION_BATCH_ELEMENTS`` elements per
+        relation forward (whole episodes; one episode over the limit goes alone), and the scores
+        split back per episode.
+        """
+        ways = self.protocol.ways
+        self.train_mode(False)
+        with torch.no_grad():
+            pairs = [relation_pairs(support_maps, support_y, query_maps, ways)  # [Q_i * ways, 2C, h, w]
+                     for (support_maps, query_maps), (_, support_y, _) in
+                     zip(embed_episodes(self.feature_maps, episodes), episodes)]
+            chunks, size = [[]], 0  # consecutive episodes' pairs, one relation forward per chunk
+            for p in pairs:
+                if chunks[-1] and size + p.numel() > RELATION_BATCH_ELEMENTS:
+                    chunks.append([])
+                    size = 0
+                chunks[-1].append(p)
+                size += p.numel()
+            out = []
+            for chunk in chunks:
+                scores = self.relation(torch.cat(chunk))  # [sum_i Q_i * ways]
+                out += [r.view(-1, ways) for r in torch.split(scores, [p.shape[0] for p in chunk])]
+            return out
 
 
 @hookimpl
