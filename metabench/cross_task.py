@@ -30,7 +30,7 @@ from .evaluation import Scores, evaluate
 from .learner_file import read_learner_file, sha256_of
 from .plugins import PluginHost
 from .learner import Learner
-from .numerics import resolve_eval_batch
+from .numerics import eval_precision, resolve_eval_batch
 from .runner import (NoProgress, Progress, RunPlan, RunRequest, build_learner, git_commit, prepare_split,
                      resolve_device, result_document)
 from .task import Episode, Protocol
@@ -112,7 +112,8 @@ def load_saved_learner(path: str | Path, host: PluginHost, task: str | None = No
     config = saved_config(entry.obj, doc["learner"]["config"], path, name)
     options = dict(doc["backbone"]["options"])
     request = RunRequest(learner=name, task=protocol.name, backbone=doc["backbone"]["name"], seed=int(doc["seed"]),
-                         budget=str(doc["budget"]), episodes=episodes, device=device, eval_batch=eval_batch)
+                         budget=str(doc["budget"]), episodes=episodes, device=device, eval_batch=eval_batch,
+                         precision=doc.get("precision") or "fp32")  # what it was trained in
     where = resolve_device(device)
     plan = RunPlan(request, entry, protocol, source, task_plugin, doc["backbone"]["name"], options, options, config,
                    where, episodes or protocol.episodes, eval_batch=resolve_eval_batch(eval_batch, where))
@@ -145,11 +146,12 @@ def evaluate_saved(path: str | Path, host: PluginHost, task: str | None = None, 
     scores = Scores(protocol.problem)
     started = time.perf_counter()
     evaluate(learner, protocol, source, protocol.eval_split, draws, plan.who, progress, plan.device, scores,
-             transform=resizer(trained_size) if resized else None, batch=plan.eval_batch)
+             transform=resizer(trained_size) if resized else None, batch=plan.eval_batch,
+             precision=eval_precision(plan.learner.obj, plan.request.precision))
     eval_s = time.perf_counter() - started
     trained = doc["task"]
     return result_document(
-        plan, host, learner, draws, scores, commit=commit,
+        plan, host, learner, draws, scores, commit=commit, precision=doc.get("precision"),
         learner_extra={"saved_with": {"plugin_version": doc["learner"].get("version"),
                                       "metabench_version": doc.get("metabench_version")}},
         trained_on={"task": trained["name"], "version": trained["version"], "image_size": trained_size,

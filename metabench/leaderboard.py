@@ -43,7 +43,7 @@ from pathlib import Path
 
 from .errors import MetabenchError
 from .files import write_bytes_atomic
-from .results import PER_STEP_COUNTS, load_result
+from .results import PER_STEP_COUNTS, load_result, trained_precision
 from .stats import Summary, paired_compare, summarize, worst_episode
 
 ALPHA = 0.05
@@ -172,7 +172,8 @@ def settings_sha(doc: dict) -> str:
 
 @dataclass
 class Row:
-    """One (learner, backbone, settings, episode set) of a section, with one result per training seed."""
+    """One (learner, backbone, settings, episode set, training precision) of a section, with one result
+    per training seed."""
 
     learner: str
     backbone: str
@@ -194,6 +195,7 @@ class Row:
     note: str = ""
     show_settings: bool = False  # several settings of one learner/backbone in the section
     trained_on: str | None = None  # the training task of a cross-task row; None: same-task
+    precision: str = "fp32"  # what its learner trained in (metabench.results.trained_precision)
 
     def __post_init__(self) -> None:
         lengths = {len(r.doc["per_episode"]) for r in self.results}
@@ -281,6 +283,11 @@ class Board:
     sections: list[Section]
 
     @property
+    def mixed_precision(self) -> bool:
+        """Whether a row trained in another precision than fp32 (then the CSV has a ``precision`` column)."""
+        return any(r.precision != "fp32" for s in self.sections for r in s.rows)
+
+    @property
     def cross_task(self) -> bool:
         """Whether any section holds cross-task results (then the CSV and JSON name every row's training task)."""
         return any(s.trained_on is not None for s in self.sections)
@@ -314,7 +321,7 @@ def rank_section(rows: list[Row], higher_is_better: bool) -> list[Row]:
     sign = -1.0 if higher_is_better else 1.0
 
     def key(r: Row):
-        return (sign * r.summary.mean, r.learner, r.backbone, r.settings, r.episodes_sha256)
+        return (sign * r.summary.mean, r.learner, r.backbone, r.settings, r.episodes_sha256, r.precision)
 
     sets: dict[str, list[Row]] = {}
     for r in rows:
@@ -372,7 +379,7 @@ def make_boards(results: list[Result]) -> list[Board]:
             d = r.doc
             section = groups.setdefault((d["budget"], d["task"]["version"], training_task(d)), {})
             section.setdefault((d["learner"]["name"], d["backbone"]["name"], settings_sha(d),
-                                d["task"]["episodes_sha256"]), []).append(r)
+                                d["task"]["episodes_sha256"], trained_precision(d)), []).append(r)
         sections = []
         for key in sorted(groups, key=_section_key):
             rows = make_rows(task, key, groups[key])
@@ -385,14 +392,14 @@ def make_rows(task: str, key: tuple, groups: dict[tuple, list[Result]]) -> list[
     """The rows of the section ``key`` = (budget, task version, training task), one per group of results."""
     budget, _, trained_on = key
     rows = []
-    for (learner, backbone, settings, sha), members in sorted(groups.items()):
+    for (learner, backbone, settings, sha, precision), members in sorted(groups.items()):
         members.sort(key=lambda r: (r.seed, r.path.as_posix()))
         for a, b in zip(members, members[1:]):
             if a.seed == b.seed:
                 origin = f" trained on {trained_on}" if trained_on else ""
                 raise MetabenchError(f"two results of {task} {learner}/{backbone} budget {budget}{origin} for seed "
                                      f"{a.seed} on the same episodes: {a.path} and {b.path}; keep one")
-        rows.append(Row(learner, backbone, settings, sha, members, trained_on=trained_on))
+        rows.append(Row(learner, backbone, settings, sha, members, trained_on=trained_on, precision=precision))
     variants: dict[tuple, set] = {}
     for r in rows:
         variants.setdefault((r.learner, r.backbone), set()).add(r.settings)
@@ -438,9 +445,14 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _learner(r: Row) -> str:
+    """The learner's name, with its training precision where it is not fp32: ``protonet (bf16)``."""
+    return r.learner + (f" ({r.precision})" if r.precision != "fp32" else "")
+
+
 def _label(r: Row) -> str:
-    """The learner's name, with its settings where they tell rows apart, and the training task of a cross-task row."""
-    return (r.learner + (f" [{r.settings}]" if r.show_settings else "")
+    """:func:`_learner`, with its settings where they tell rows apart, and the training task of a cross-task row."""
+    return (_learner(r) + (f" [{r.settings}]" if r.show_settings else "")
             + (f" (trained on {r.trained_on})" if r.trained_on else ""))
 
 
@@ -462,6 +474,7 @@ def row_record(r: Row, out_dir: Path) -> dict:
     worst, at = r.worst(r.results[0].doc["task"]["higher_is_better"])
     return {
         "rank": r.rank, "learner": r.learner, "backbone": r.backbone, "settings_sha256": r.settings,
+        **({"precision": r.precision} if r.precision != "fp32" else {}),
         "mean": _r(r.summary.mean), "ci95": _r(r.summary.ci95), "std": _r(r.summary.std),
         "median": _r(r.median), "worst": _r(worst), "worst_episode": at,
         "episodes": r.summary.n, "episodes_sha256": r.episodes_sha256,
@@ -510,8 +523,13 @@ CSV_COLUMNS = ("budget", "task_version", "rank", "learner", "backbone", "setting
 
 
 def csv_columns(board: Board) -> tuple[str, ...]:
-    """:data:`CSV_COLUMNS`, with ``trained_on`` after ``task_version`` when the board has cross-task sections."""
-    return CSV_COLUMNS[:2] + ("trained_on",) + CSV_COLUMNS[2:] if board.cross_task else CSV_COLUMNS
+    """:data:`CSV_COLUMNS`, with ``trained_on`` after ``task_version`` when the board has cross-task sections
+    and ``precision`` after ``settings_sha256`` when a row trained in another precision than fp32."""
+    columns = CSV_COLUMNS[:2] + ("trained_on",) + CSV_COLUMNS[2:] if board.cross_task else CSV_COLUMNS
+    if board.mixed_precision:
+        at = columns.index("settings_sha256") + 1
+        columns = columns[:at] + ("precision",) + columns[at:]
+    return columns
 
 
 def render_csv(board: Board, out_dir: Path) -> bytes:
@@ -523,7 +541,7 @@ def render_csv(board: Board, out_dir: Path) -> bytes:
         for r in s.rows:
             rec = row_record(r, out_dir)
             vs = rec["vs_best"]
-            rec.update(budget=s.budget, task_version=s.task_version, trained_on=r.trained_on, vs_best=r.status,
+            rec.update(budget=s.budget, task_version=s.task_version, trained_on=r.trained_on, precision=r.precision, vs_best=r.status,
                        p_value=vs["p_value"], p_holm=vs["p_holm"], wilcoxon_vs_best=vs["wilcoxon_status"],
                        wilcoxon_p_value=vs["wilcoxon_p_value"], wilcoxon_p_holm=vs["wilcoxon_p_holm"])
             writer.writerow(["" if rec[c] is None else " ".join(map(str, rec[c])) if isinstance(rec[c], list)
@@ -661,7 +679,7 @@ def render_summary(boards: list[Board], published: list[Published]) -> bytes:
             section = next(s for s in b.sections if s.budget == budget and s.trained_on is None)  # newest version first
             for r in section.rows:
                 text = fmt_mean_ci(r.summary.mean, r.summary.ci95, b.metric)
-                cells.setdefault((r.learner, r.backbone), {}).setdefault(
+                cells.setdefault((_learner(r), r.backbone), {}).setdefault(
                     b.task, f"**{text}**" if r.status in ("best", "tied") else text)
         lines += [f"## Budget `{budget}`", "",
                   "| learner | backbone | " + " | ".join(f"[{b.task}]({b.task}.md)" for b in cols) + " |",
@@ -698,12 +716,12 @@ def _cross_task_summary(boards: list[Board]) -> list[str]:
             seen.add((s.trained_on, s.budget))
             done: set[tuple[str, str]] = set()
             for r in s.rows:  # table order: the best row of a learner/backbone comes first
-                if (r.learner, r.backbone) in done:
+                if (_learner(r), r.backbone) in done:
                     continue
-                done.add((r.learner, r.backbone))
+                done.add((_learner(r), r.backbone))
                 text = fmt_mean_ci(r.summary.mean, r.summary.ci95, b.metric)
                 entries.append(((s.trained_on, b.task, _budget_key(s.budget)),
-                                [s.trained_on, f"[{b.task}]({b.task}.md)", f"`{s.budget}`", r.learner, r.backbone,
+                                [s.trained_on, f"[{b.task}]({b.task}.md)", f"`{s.budget}`", _learner(r), r.backbone,
                                  f"**{text}**" if r.status in ("best", "tied") else text]))
     if not entries:
         return []

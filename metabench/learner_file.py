@@ -12,6 +12,8 @@ one ``torch.save`` dict of plain types, read with ``torch.load(weights_only=True
                      "channels", "image_size"}         the task it was trained on
     seed, budget
     validation      the validation record of the run (or None)
+    precision       what it was trained in (``--precision``: fp32 or bf16; absent in files written
+                    before runs had one: fp32)
     state           Learner.state_dict(): the trained state predict needs
 
 A file of a format this metabench cannot read, or whose learner plugin is not installed, is
@@ -27,6 +29,7 @@ from . import __version__
 from .checkpoint import load_file
 from .errors import MetabenchError
 from .files import write_atomic
+from .settings import PRECISIONS
 
 FORMAT = "metabench-learner"
 FORMAT_VERSION = 1
@@ -36,11 +39,11 @@ SUFFIX = ".learner.pt"
 
 
 def learner_document(*, learner: dict, backbone: dict, task: dict, seed: int, budget: str, state: dict,
-                     validation: dict | None) -> dict:
+                     validation: dict | None, precision: str = "fp32") -> dict:
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "metabench_version": __version__,
             "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "learner": learner, "backbone": backbone, "task": task, "seed": seed, "budget": budget,
-            "validation": validation, "state": state}
+            "validation": validation, "precision": precision, "state": state}
 
 
 def write_learner_file(doc: dict, out_dir: Path, stem: str) -> Path:
@@ -70,6 +73,9 @@ def read_learner_file(path: str | Path) -> dict:
         raise MetabenchError(f"{path}: learner file format {version!r} (written by metabench "
                              f"{doc.get('metabench_version', '?')}) is not one this metabench {__version__} reads "
                              f"({', '.join(map(str, READABLE))})")
+    if doc.get("precision", "fp32") not in PRECISIONS:
+        raise MetabenchError(f"{path}: damaged learner file (precision {doc.get('precision')!r}; accepted: "
+                             f"{', '.join(PRECISIONS)})")
     for key, fields in _REQUIRED.items():
         value = doc.get(key)
         if value is None or (fields and not (isinstance(value, dict) and all(f in value for f in fields))):

@@ -22,7 +22,7 @@ from .episodes import episodes_sha256, eval_draws
 from .errors import MetabenchError
 from .files import write_bytes_atomic
 from .leaderboard import settings_sha, trained_on_problem, training_task
-from .results import load_result, result_filename
+from .results import load_result, result_filename, trained_precision
 
 DEFAULT_DEST = Path("leaderboards/results")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_+.-]*$")
@@ -39,9 +39,10 @@ class Accepted:
 
 def run_key(doc: dict) -> tuple:
     """What makes two results the same run for the leaderboard (one row, one seed); the training task
-    (None for same-task) keeps a cross-task result apart from the same-task run of its learner and seed."""
+    (None for same-task) keeps a cross-task result apart from the same-task run of its learner and seed,
+    and the training precision a bf16 run apart from the fp32 one."""
     return (doc["task"]["name"], doc["learner"]["name"], doc["backbone"]["name"], settings_sha(doc), doc["budget"],
-            doc["seed"], doc["task"]["episodes_sha256"], training_task(doc))
+            doc["seed"], doc["task"]["episodes_sha256"], training_task(doc), trained_precision(doc))
 
 
 def validate(path: Path, host, hash_cache: dict | None = None, roots=None) -> dict:

@@ -147,6 +147,12 @@ def per_step_problems(doc: dict) -> list[str]:
     return problems
 
 
+def trained_precision(doc: dict) -> str:
+    """The precision a result's learner was trained in (``precision``; a file from before runs had
+    one, or a saved learner that does not say, trained in fp32)."""
+    return doc.get("precision") or "fp32"
+
+
 def compute_problems(doc: dict) -> list[str]:
     """What is wrong with the optional ``precision`` (the training precision, one of
     :data:`~metabench.settings.PRECISIONS`) and ``evaluation`` ({"batch": test episodes per predict call,

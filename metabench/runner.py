@@ -458,8 +458,8 @@ def result_document(plan: RunPlan, host: PluginHost, learner: Learner, draws, sc
                     trained_on: dict, timing: dict, learner_extra: dict | None = None,
                     extra: dict | None = None, precision: str | None = None) -> dict:
     """The result file's document (schema: metabench/results.py) of a learner scored on ``draws``:
-    what ``metabench run`` and ``metabench eval`` write. ``precision``: what it was trained in
-    (``metabench run``; a learner file does not say)."""
+    what ``metabench run`` and ``metabench eval`` write. ``precision``: what it was trained in (None:
+    not known, a learner file from before they said)."""
     entry, protocol = plan.learner, plan.protocol
     per_step = scores.record()["per_step"]
     return {
@@ -526,7 +526,7 @@ def train_and_evaluate(plan, host, control, learner, ctx, state, validator, eval
                      "config": identity["config"]},
             backbone={"name": plan.backbone, "options": plan.recorded_options}, task=task_record(protocol),
             seed=request.seed, budget=request.budget, state=learner.state_dict(),
-            validation=validator.record() if validator is not None else None)
+            validation=validator.record() if validator is not None else None, precision=request.precision)
         learner_file = write_learner_file(doc, control.out_dir, f"{folder.path.name}__{stamp}").name
 
     scores = Scores(protocol.problem, *(

@@ -100,8 +100,31 @@ def test_the_run_records_its_eval_batch_and_metabench_eval_takes_one(trained, ho
     assert result["evaluation"] == {"batch": 1, "precision": "fp32"} and result["precision"] == "fp32"
     doc = evaluate_saved(saved, host, episodes=20, eval_batch=3)
     assert doc["per_episode"] == result["per_episode"]
-    assert doc["evaluation"] == {"batch": 3, "precision": "fp32"} and "precision" not in doc
+    assert doc["evaluation"] == {"batch": 3, "precision": "fp32"} and doc["precision"] == "fp32"  # the file says
     assert schema_problems(doc) == []
+
+
+def test_a_saved_bf16_learner_says_so_and_its_evaluation_is_recorded_as_bf16(host, tmp_path):
+    """The learner file keeps the training precision; ``metabench eval`` puts it in the result (so the
+    leaderboard keeps the row apart from fp32 ones); a file from before it said gives no precision;
+    a damaged one is refused in one line."""
+    from metabench.cli import main
+    from metabench.learner_file import read_learner_file
+
+    assert main(smoke("protonet", "--episodes", "4", "--precision", "bf16", "--out", str(tmp_path))) == 0
+    (saved,) = tmp_path.glob("*.learner.pt")
+    (result,) = tmp_path.glob("*.json")
+    assert read_learner_file(saved)["precision"] == "bf16"
+    doc = evaluate_saved(saved, host, episodes=4)
+    assert doc["precision"] == "bf16" and doc["evaluation"]["precision"] == "fp32"
+    assert doc["per_episode"] == json.loads(result.read_text())["per_episode"]
+    old = Path(__file__).parent / "fixtures" / "learner_format1_maml_sinusoid-5s.learner.pt"
+    assert "precision" not in read_learner_file(old)
+    damaged = torch.load(saved, weights_only=True)
+    damaged["precision"] = "fp8"
+    torch.save(damaged, tmp_path / "damaged.learner.pt")
+    with pytest.raises(MetabenchError, match=r"damaged learner file \(precision 'fp8'; accepted: fp32, bf16\)"):
+        read_learner_file(tmp_path / "damaged.learner.pt")
 
 
 def test_sharded_ranks_group_their_own_episodes(trained, host, monkeypatch):

@@ -553,3 +553,40 @@ def test_a_row_says_where_the_rank_test_disagrees_with_the_t_test(lb):
     assert table[("smoke", "hidden")]["wilcoxon_vs_best"] == "better"
     assert table[("paper", "dragged")]["vs_best"] == "worse" and table[("paper", "dragged")]["wilcoxon_vs_best"] == "tied"
     assert check([results], out) == []
+
+
+def test_a_bf16_run_is_its_own_row_never_averaged_with_fp32_seeds(lb):
+    """Results trained in bf16 (``precision``) and in fp32 (``precision`` fp32 or absent) of one learner,
+    seed and settings are two rows: the bf16 row is labelled, its seeds kept apart, and the CSV gains a
+    precision column only where a board has such a row."""
+    out, results = lb
+    for seed in (0, 1):
+        write_result(make_doc(spread(0.80), seed=seed), results / "fp32")
+    bf16 = make_doc(spread(0.70), seed=0)
+    bf16["precision"] = "bf16"
+    write_result(bf16, results / "bf16")
+    write_result(make_doc(spread(0.9), task="kanji-5w5s"), results / "fp32")
+    build([results], out)
+    got = [(r["learner"], r.get("precision"), r["seeds"]) for r in rows(out, "kanji-5w1s")]
+    assert got == [("protonet", None, [0, 1]), ("protonet", "bf16", [0])]
+    assert rows(out, "kanji-5w1s")[0]["mean"] == pytest.approx(0.80)
+    table = csv_rows(out, "kanji-5w1s")
+    assert [(r["learner"], r["precision"]) for r in table] == [("protonet", "fp32"), ("protonet", "bf16")]
+    assert "precision" not in csv_rows(out, "kanji-5w5s")[0]  # an all-fp32 board keeps its columns
+    md = (out / "kanji-5w1s.md").read_text()
+    assert "| 1 | protonet | conv4 | 80.00 ± " in md and "| 2 | protonet (bf16) | conv4 | 70.00 ± " in md
+    summary = (out / "README.md").read_text()
+    assert "| protonet | conv4 | **80.00 ± " in summary and "| protonet (bf16) | conv4 | 70.00 ± " in summary
+    assert check([results], out) == []
+
+
+def test_publish_keeps_a_bf16_run_apart_from_the_fp32_run_of_its_seed(tiny_only, tmp_path, capsys):
+    dest = tmp_path / "lb" / "results"
+    fp32 = save(tiny_doc(), tmp_path / "runs", "fp32.json")
+    bf16 = save(tiny_doc(precision="bf16"), tmp_path / "runs", "bf16.json")
+    code, _, err = run_cli(capsys, "publish", str(fp32), str(bf16), "--to", str(dest))
+    assert code == 0, err
+    assert len(list(dest.rglob("*.json"))) == 2  # the same learner and seed in another precision: not a duplicate
+    again = save(tiny_doc(precision="bf16", **{"timing.eval_s": 99.0}), tmp_path / "runs", "again.json")
+    code, _, err = run_cli(capsys, "publish", str(again), "--to", str(dest))  # the bf16 run with other values
+    assert code == 2 and "already holds seed 0" in error_line(err)
