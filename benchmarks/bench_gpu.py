@@ -16,7 +16,16 @@ as the section ends, so a run cut short still leaves what it measured.
 4. eval:      ProtoNet (kanji-5w5s) and MAML (kanji-5w1s) test episodes/s: eager one episode per
               forward, channels_last, several episodes per forward, ``torch.compile`` (cold compile
               counted over the protocol's 600 episodes); share of identical predictions.
-5. runs:      ``metabench run --device cuda`` of every registered learner on kanji-5w1s at budget
+5. targets:   the issue's time targets: the MAML learner itself (``task_batching`` as ``auto``
+              resolves it on the device) at its paper configuration (plugins/learners/maml.toml) of
+              Omniglot 5-way 1-shot (28 px, conv4-64, meta-batch 32, 1 inner step) and mini-ImageNet
+              5-way 1-shot (84 px, conv4-32, meta-batch 4, 5 inner steps), second order: meta-steps
+              (meta_backward + Adam step) on tasks of the protocol's shapes already on the GPU, up to
+              1,000 steps or the section's time, projected to the paper's 60,000 steps and set
+              against 30 and 60 minutes; learn2learn's MAML on the same model and tasks where it is
+              importable. Episode loading is not in the step (metabench's episodes come from a uint8
+              array in memory; the quick runs of section 6 time it whole).
+6. runs:      ``metabench run --device cuda`` of every registered learner on kanji-5w1s at budget
               ``smoke`` (each in its own process), ProtoNet twice (are GPU results repeatable?),
               then ``quick`` for the learners time allows.
 
@@ -47,6 +56,7 @@ import torch  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 STARTED = time.perf_counter()
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def sync(device: str) -> None:
@@ -67,7 +77,7 @@ def left(args) -> float:
 
 #: each section's share of the deadline (renormalised over the sections asked for); a section
 #: starts no new measurement once the shares of it and the sections before it are spent
-SECTION_SHARE = {"ceilings": 0.03, "maml": 0.42, "memory": 0.10, "eval": 0.17, "runs": 0.28}
+SECTION_SHARE = {"ceilings": 0.03, "maml": 0.34, "memory": 0.08, "eval": 0.15, "targets": 0.15, "runs": 0.25}
 SECTIONS = tuple(SECTION_SHARE)
 
 
@@ -399,6 +409,99 @@ def whole_runs(args) -> dict:
     return data
 
 
+# ----------------------------------------------------------------------------- 5. time targets
+#: (paper-config table of plugins/learners/maml.toml, channels, image size, minutes allowed for its meta_steps)
+TARGETS = (("omniglot-5w1s", 1, 28, 30.0), ("miniimagenet-5w1s", 3, 84, 60.0))
+
+
+def paper_maml(task: str, channels: int, size: int, device: str):
+    """The MAML learner with budget paper's settings and ``task``'s table of maml.toml, its backbone
+    built with the table's options, on ``device``; and the table."""
+    import tomllib
+
+    from metabench.task import Protocol
+    from metabench_plugins.backbones.conv4 import conv4
+    from metabench_plugins.learners.maml import MAML
+
+    table = tomllib.loads((ROOT / "plugins" / "learners" / "maml.toml").read_text())[task]
+    options = table.get("backbone", {})
+    values = {**MAML.budgets["paper"], **{k: v for k, v in table.items() if k != "backbone"}}
+    protocol = Protocol(name=task, version=1, dataset=task.split("-")[0], ways=5, shots=1, queries=15, episodes=600,
+                        image_size=size, channels=channels)
+    torch.manual_seed(0)
+    learner = MAML(MAML.Config(**values), conv4(channels, size, **options), protocol, torch.device(device))
+    return learner, values
+
+
+def peer_step_seconds(model, tasks, config, device: str, budget: float, limit: int) -> float | None:
+    """Seconds per meta-step of learn2learn's MAML (benchmarks/maml_variants.Learn2Learn: clone,
+    adapt, per-task backward) on the same model copy and tasks; None where it is not installed."""
+    from benchmarks import maml_variants as mv
+
+    l2l = common.peer("learn2learn")
+    if l2l is None:
+        return None
+    variant = mv.Learn2Learn(model, tasks, config.inner_lr, config.inner_steps, l2l=l2l)
+    for _ in range(2):
+        variant.step()
+    sync(device)
+    done, started = 0, time.perf_counter()
+    while done < limit and (done < 5 or time.perf_counter() - started < budget):
+        variant.step()
+        done += 1
+    sync(device)
+    return (time.perf_counter() - started) / done
+
+
+def time_targets(args) -> dict:
+    from metabench.task import Episode
+
+    dev, rows, out = args.device, [], {}
+    budget = max(5.0, until(args, "targets") / len(TARGETS))
+    for task, channels, size, minutes in TARGETS:
+        learner, values = paper_maml(task, channels, size, dev)
+        c = learner.config
+        if args.quick:
+            c.meta_batch, size_note = 2, " (dry run: meta-batch 2)"
+        else:
+            size_note = ""
+        g = torch.Generator().manual_seed(1)
+        labels = torch.arange(5)
+        tasks = [Episode(torch.rand(5, channels, size, size, generator=g), labels,
+                         torch.rand(5 * c.train_queries, channels, size, size, generator=g),
+                         labels.repeat_interleave(c.train_queries)) for _ in range(c.meta_batch)]
+        tasks = to_device(tasks, dev)
+        opt = torch.optim.Adam(learner.optimized_tensors(), lr=c.meta_lr)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            learner.meta_backward(tasks)
+            opt.step()
+
+        for _ in range(3):  # warm-up: cuDNN algorithm choice, allocator
+            step()
+        sync(dev)
+        limit, done, started = (3 if args.quick else 1000), 0, time.perf_counter()
+        while done < limit and (done < 20 or time.perf_counter() - started < budget):
+            step()
+            done += 1
+        sync(dev)
+        per_step = (time.perf_counter() - started) / done
+        projected_min = per_step * values["meta_steps"] / 60
+        peer = peer_step_seconds(learner.model, tasks, c, dev, budget / 3, 3 if args.quick else 200)
+        key = f"{task}{size_note}"
+        out[key] = {"steps_timed": done, "seconds_per_step": per_step, "meta_steps": values["meta_steps"],
+                    "projected_minutes": projected_min, "target_minutes": minutes, "meta_batch": c.meta_batch,
+                    "inner_steps": c.inner_steps, "task_batching": c.task_batching, "first_order": c.first_order,
+                    "learn2learn_seconds_per_step": peer}
+        rows.append([key, f"{size} px, meta-batch {c.meta_batch}, {c.inner_steps} inner step(s), "
+                          f"task_batching {c.task_batching}", str(done), f"{per_step * 1e3:.1f}",
+                     f"{projected_min:.1f}", f"{minutes:.0f}", "yes" if projected_min <= minutes else "NO",
+                     "-" if peer is None else f"{peer * 1e3:.1f}", "-" if peer is None else f"{peer / per_step:.2f}"])
+        del learner, opt, tasks
+    return {"rows": rows, "configs": out}
+
+
 # ----------------------------------------------------------------------------- output
 PARTIAL: dict = {}
 
@@ -450,6 +553,12 @@ def markdown(sections: dict, machine: dict) -> str:
         md += ["**Evaluation** (conv4-64, test episodes/s):", "",
                common.table(["learner", "variant", "episodes/s", "spread", "vs eager", "same argmax", "max |dlogit|"],
                             e["rows"]), ""]
+    t = sections.get("targets")
+    if t and t.get("rows"):
+        md += ["**Time targets**: MAML's paper configuration, second order, meta-steps timed on the GPU and "
+               "projected to the paper's 60,000 (episode loading not included):", "",
+               common.table(["protocol", "setup", "steps timed", "ms/step", "projected min", "target min",
+                             "within", "learn2learn ms/step", "x learn2learn"], t["rows"]), ""]
     r = sections.get("runs")
     if r and r.get("rows"):
         md += ["**`metabench run --device cuda`** on kanji-5w1s (smoke: 100 test episodes, all learners at once, "
@@ -493,7 +602,8 @@ def main(argv=None) -> int:
     peak32 = c.get("matmul_fp32_flops", float("nan"))
     peak_tf32 = c.get("matmul_tf32_flops", float("nan"))
     for name, fn in (("maml", lambda: maml_steps(args, peak32, peak_tf32)), ("memory", lambda: maml_memory(args)),
-                     ("eval", lambda: evaluation(args)), ("runs", lambda: whole_runs(args))):
+                     ("eval", lambda: evaluation(args)), ("targets", lambda: time_targets(args)),
+                     ("runs", lambda: whole_runs(args))):
         if name not in want:
             continue
         t0 = time.perf_counter()

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks of one lent GPU machine, in one call, under 8 minutes, one summary file:
 #   1. benchmarks/bench_gpu.py: every learner's CUDA path at budget smoke, quick runs of protonet,
-#      maml and mtl, evaluation (episodes per forward), the MAML step table (deadline-bounded);
+#      maml and mtl, evaluation (episodes per forward), the MAML step table (loop, vmap, grouped,
+#      learn2learn; float64 meta-gradients against the loop), the time targets (MAML's paper
+#      configurations of Omniglot and mini-ImageNet 5w1s projected to 60,000 steps) (deadline-bounded);
 #   2. a 2-process torchrun run on the one GPU (gloo backend: NCCL wants one GPU per process);
 #   3. repeatability: protonet and maml smoke runs twice each (same command): per-episode values
 #      identical? (PASS/FAIL; where not, whether the trained states differ, i.e. training); the

@@ -139,7 +139,12 @@ def test_gpu_benchmark_dry_runs_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     assert doc["markdown"].startswith("## 6. GPU path")
-    assert set(doc["data"]) >= {"ceilings", "maml", "eval", "runs"}
+    assert set(doc["data"]) >= {"ceilings", "maml", "eval", "targets", "runs"}
+    targets = doc["data"]["targets"]["configs"]  # MAML's paper configurations, projected to 60,000 steps
+    assert [k.split()[0] for k in targets] == ["omniglot-5w1s", "miniimagenet-5w1s"]
+    assert all(t["meta_steps"] == 60000 and t["projected_minutes"] > 0 for t in targets.values())
+    assert [t["inner_steps"] for t in targets.values()] == [1, 5]
+    assert "metabench grouped" in {row[1] for row in doc["data"]["maml"]["rows"]}
     assert doc["data"]["runs"]["smoke"]["protonet"]["mean"] > 0
     assert doc["data"]["maml"]["configs"]  # one configuration measured, meta-gradients checked
     assert all(v < 1e-5 for cfg in doc["data"]["maml"]["configs"].values()
