@@ -14,7 +14,7 @@ import metabench.plugins
 from metabench import Learner, hookimpl
 from metabench.cli import main
 
-from conftest import host_with, tiny_plugin
+from conftest import error_line, host_with, tiny_plugin
 
 
 class Crasher(Learner):
@@ -56,12 +56,6 @@ def run_tiny(capsys, tmp_path, *extra):
                *extra)
 
 
-def one_error_line(err: str) -> str:
-    lines = [l for l in err.splitlines() if l.startswith("metabench: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
 def test_run_writes_one_result_and_prints_the_table(capsys, tmp_path):
     code, out, err = run_tiny(capsys, tmp_path)
     assert code == 0, err
@@ -100,7 +94,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, argv,
     code, _, err = cli(capsys, "run", "--learner", "toy", "--task", "tiny-3w2s", "--budget", "smoke",
                        "--out", str(out_dir), *argv)
     assert code == 2
-    assert fragment in one_error_line(err)
+    assert fragment in error_line(err)
     assert not out_dir.exists()
 
 
@@ -119,7 +113,7 @@ def test_bad_config_file(capsys, tmp_path, toml, fragment):
     config = tmp_path / "c.toml"
     config.write_text(toml)
     code, _, err = run_tiny(capsys, tmp_path / "out", "--config", str(config))
-    assert code == 2 and fragment in one_error_line(err)
+    assert code == 2 and fragment in error_line(err)
 
 
 def test_config_file_then_set_override(capsys, tmp_path):
@@ -138,7 +132,7 @@ def test_existing_results_survive_a_failed_run(capsys, tmp_path):
     code, _, err = cli(capsys, "run", "--learner", "crasher", "--task", "tiny-3w2s", "--budget", "smoke",
                        "--out", str(tmp_path))
     assert code == 1
-    assert "learner 'crasher' (plugin 'crashy') failed in meta_train: ZeroDivisionError" in one_error_line(err)
+    assert "learner 'crasher' (plugin 'crashy') failed in meta_train: ZeroDivisionError" in error_line(err)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
@@ -148,7 +142,7 @@ def test_a_setting_the_learner_refuses_is_bad_input(capsys, tmp_path):
                        "--set", "lr=-1", "--out", str(tmp_path))
     assert code == 2
     assert ("learner 'protonet' (plugin 'protonet') refused its settings: "
-            "protonet: lr must be a number > 0, got -1.0") in one_error_line(err)
+            "protonet: lr must be a number > 0, got -1.0") in error_line(err)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -156,7 +150,7 @@ def test_out_that_is_a_file_is_refused(capsys, tmp_path):
     target = tmp_path / "taken"
     target.write_text("keep me")
     code, _, err = run_tiny(capsys, target)
-    assert code == 2 and "is not a folder" in one_error_line(err)
+    assert code == 2 and "is not a folder" in error_line(err)
     assert target.read_text() == "keep me"
 
 
@@ -165,7 +159,7 @@ def test_learner_returning_wrong_shape_names_its_plugin(capsys, tmp_path):
                        "--set", "where=nowhere", "--out", str(tmp_path))
     assert code == 1
     assert "learner 'crasher' (plugin 'crashy'): predict returned (9, 2); expected logits of shape (9, 3)" \
-        in one_error_line(err)
+        in error_line(err)
     # no result; the trained learner is kept (it trained fine: `metabench eval` can score it once the
     # plugin is fixed), and so is the run's evaluation progress (`--resume` continues it)
     assert not list(tmp_path.glob("*.json"))
@@ -182,11 +176,11 @@ def test_compare_pairs_results_and_refuses_different_episode_sets(capsys, tmp_pa
     assert code == 0, err
     assert "paired t-test" in out and "Wilcoxon signed-rank" in out and "20 paired episodes" in out
     code, _, err = cli(capsys, "compare", str(a), str(c))
-    assert code == 2 and "different episode sets" in one_error_line(err)
+    assert code == 2 and "different episode sets" in error_line(err)
     garbage = tmp_path / "garbage.json"
     garbage.write_text("[]")
     code, _, err = cli(capsys, "compare", str(a), str(garbage))
-    assert code == 2 and "garbage.json: not a valid metabench result" in one_error_line(err)
+    assert code == 2 and "garbage.json: not a valid metabench result" in error_line(err)
 
 
 def test_episodes_command_prints_the_hash_results_record(capsys, tmp_path):
@@ -221,12 +215,12 @@ def test_data_commands(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(metabench.plugins, "_HOST", None)  # the installed plugins
     monkeypatch.delenv("METABENCH_DATA", raising=False)
     code, _, err = cli(capsys, "data", "info", "miniimagenet-5w1s")
-    assert code == 2 and "no data folder given; pass --data-root DIR" in one_error_line(err)
+    assert code == 2 and "no data folder given; pass --data-root DIR" in error_line(err)
     code, _, err = cli(capsys, "data", "prepare", "omniglot-5w1s", "--data-root", str(tmp_path))
-    assert code == 2 and f"not found under {tmp_path}" in one_error_line(err) and "images_background" in err
+    assert code == 2 and f"not found under {tmp_path}" in error_line(err) and "images_background" in err
     code, _, err = cli(capsys, "run", "--learner", "protonet", "--task", "cub-5w1s", "--budget", "smoke",
                        "--data-root", f"cub={tmp_path / 'nope'}", "--out", str(tmp_path / "out"))
-    assert code == 2 and "does not exist" in one_error_line(err) and not (tmp_path / "out").exists()
+    assert code == 2 and "does not exist" in error_line(err) and not (tmp_path / "out").exists()
     code, out, err = cli(capsys, "data", "info", "kanji-5w1s")
     assert code == 0 and "1500" in out and "600" in out
 
