@@ -478,17 +478,17 @@ def time_targets(args) -> dict:
             learner.meta_backward(tasks)
             opt.step()
 
-        for _ in range(3):  # warm-up: cuDNN algorithm choice, allocator
+        for _ in range(1 if args.quick else 3):  # warm-up: cuDNN algorithm choice, allocator
             step()
         sync(dev)
-        limit, done, started = (3 if args.quick else 1000), 0, time.perf_counter()
+        limit, done, started = (1 if args.quick else 1000), 0, time.perf_counter()
         while done < limit and (done < 20 or time.perf_counter() - started < budget):
             step()
             done += 1
         sync(dev)
         per_step = (time.perf_counter() - started) / done
         projected_min = per_step * values["meta_steps"] / 60
-        peer = peer_step_seconds(learner.model, tasks, c, dev, budget / 3, 3 if args.quick else 200)
+        peer = peer_step_seconds(learner.model, tasks, c, dev, budget / 3, 1 if args.quick else 200)
         key = f"{task}{size_note}"
         out[key] = {"steps_timed": done, "seconds_per_step": per_step, "meta_steps": values["meta_steps"],
                     "projected_minutes": projected_min, "target_minutes": minutes, "meta_batch": c.meta_batch,
