@@ -617,13 +617,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
     data = render_curve(points, fmt, title)
     if not target.parent.is_dir():
         raise MetabenchError(f"--out {target}: folder {target.parent} does not exist")
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise MetabenchError(f"--out {target}: cannot write: {exc.strerror or exc}") from None
+    from .files import write_bytes_atomic
+
+    write_bytes_atomic(target, data)  # a failed write: one line "cannot write <target>: <reason>"
     out.print(f"plot: {target}", markup=False, soft_wrap=True)
     return 0
 

@@ -9,7 +9,9 @@ as it was, and the error is a :class:`~metabench.errors.MetabenchError` of one l
 path: ``cannot write <path>: No space left on device``.
 
 Result files, learner files, checkpoints, evaluation-progress files, data caches, published
-results and leaderboard pages are written through it. It imports no torch.
+results, leaderboard pages, the plugin index, ``metabench plot``'s images and the sweep's
+finished-cell markers are written through it (the training-curve logger appends line by line
+instead, and renames its file when the run ends). It imports no torch.
 """
 from __future__ import annotations
 

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable
 
 from .errors import MetabenchError
+from .files import write_bytes_atomic
 
 MARKERS = ".sweep"
 _GRID_KEYS = {"learners", "tasks", "seeds", "budgets", "episodes", "out", "threads", "variants"}
@@ -252,10 +253,7 @@ def run_cell(cell: Cell, out: str | Path) -> Outcome:
     match = _RESULT_LINE.search(proc.stdout)
     if proc.returncode == 0 and match:
         result = match.group(1).strip()
-        path = marker(out, cell)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"cell": asdict(cell), "result": result}), encoding="utf-8")
-        os.replace(tmp, path)
+        write_bytes_atomic(marker(out, cell), json.dumps({"cell": asdict(cell), "result": result}).encode("utf-8"))
         return Outcome(cell, "done", result, seconds=seconds)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("metabench: ")]
     error = errors[0] if errors else f"exit status {proc.returncode} (log: {log_dir / (cell.key + '.log')})"
