@@ -327,3 +327,33 @@ def test_grouped_meta_gradient_equals_loop_with_grouped_convolutions_and_metasgd
                                                       convolutions=True), params)
     assert torch.allclose(loss, loss_loop, rtol=0, atol=1e-12)
     assert_close(grads, g_loop, 1e-10)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_metasgd_learner_grouped_gives_the_loops_meta_gradient_for_weights_and_step_sizes(first_order):
+    """Meta-SGD through its own meta_backward: the grouped meta-batch's gradients of theta and of the
+    learned step sizes alpha are the loop's (float64)."""
+    from metabench.task import Protocol
+    from metabench_plugins.learners.metasgd import MetaSGD
+
+    protocol = Protocol(name="t-3w2s", version=1, dataset="t", ways=3, shots=2, queries=3, episodes=1, image_size=16)
+
+    def grads(task_batching):
+        torch.manual_seed(0)
+        config = MetaSGD.Config(meta_steps=1, meta_batch=2, inner_steps=2, alpha_init=0.05, alpha_init_max=0.2,
+                                first_order=first_order, task_batching=task_batching)
+        learner = MetaSGD(config, conv4(1, 16, width=4), protocol, torch.device("cpu"))
+        learner.model.double()
+        for t in learner.optimized_tensors():
+            t.data = t.data.double()
+        loss = learner.meta_backward(tiny_tasks())
+        assert len(learner.optimized_tensors()) == 2 * len(list(learner.model.parameters()))  # theta and alpha
+        return learner.config.task_batching, loss, [t.grad.clone() for t in learner.optimized_tensors()]
+
+    mode_loop, loss_loop, g_loop = grads("loop")
+    mode, loss, g = grads("grouped")
+    assert (mode_loop, mode) == ("loop", "grouped")
+    assert abs(loss - loss_loop) < 1e-12
+    assert_close(g, g_loop, 1e-10)
+    half = len(g) // 2
+    assert all(a.abs().max() > 0 for a in g[half:])  # alpha is learned: its meta-gradient is not zero
