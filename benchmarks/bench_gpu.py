@@ -56,7 +56,6 @@ import torch  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 STARTED = time.perf_counter()
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def sync(device: str) -> None:
@@ -417,15 +416,15 @@ TARGETS = (("omniglot-5w1s", 1, 28, 30.0), ("miniimagenet-5w1s", 3, 84, 60.0))
 def paper_maml(task: str, channels: int, size: int, device: str):
     """The MAML learner with budget paper's settings and ``task``'s table of maml.toml, its backbone
     built with the table's options, on ``device``; and the table."""
-    import tomllib
-
+    from metabench.runner import paper_settings
     from metabench.task import Protocol
     from metabench_plugins.backbones.conv4 import conv4
     from metabench_plugins.learners.maml import MAML
 
-    table = tomllib.loads((ROOT / "plugins" / "learners" / "maml.toml").read_text())[task]
-    options = table.get("backbone", {})
-    values = {**MAML.budgets["paper"], **{k: v for k, v in table.items() if k != "backbone"}}
+    table = paper_settings(MAML, task, "maml")  # maml.toml's table, as `--budget paper` reads it
+    options = table.pop("backbone", {})
+    table.pop("validation", None)
+    values = {**MAML.budgets["paper"], **table}
     protocol = Protocol(name=task, version=1, dataset=task.split("-")[0], ways=5, shots=1, queries=15, episodes=600,
                         image_size=size, channels=channels)
     torch.manual_seed(0)
